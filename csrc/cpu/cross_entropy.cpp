@@ -1,0 +1,226 @@
+// CPU kernels of the fused linear + cross-entropy: the row kernel (logsumexp, loss and
+// dL/dz in place on a chunk of logits), run by the device-generic chunked driver.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../lce_driver.h"
+#include "../vec_math.h"
+
+namespace tiedkernels {
+namespace {
+
+template <typename acc_t>
+struct RowIn {
+  int64_t valid;   // columns [0, valid) are real vocabulary entries, the rest padding
+  int64_t v;       // columns in the row
+  int64_t target;  // local column of the label, or -1 (ignored, or held by another shard)
+  bool ignored;
+  bool have_lse;
+  bool grad;
+  acc_t lse_given;
+  acc_t g;
+};
+
+template <typename acc_t>
+struct Consts {
+  acc_t scale, softcap, inv_softcap, eps, z_loss, inv_vocab;
+};
+
+template <typename acc_t>
+struct RowOut {
+  acc_t lse, loss, zy, sumf;
+};
+
+template <typename acc_t>
+TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts<acc_t>& c, RowOut<acc_t>& out) {
+  const int64_t valid = in.valid;
+  const acc_t scale = c.scale, cap = c.softcap, inv_cap = c.inv_softcap;
+  if (scale != acc_t(1)) {
+#pragma omp simd
+    for (int64_t j = 0; j < valid; ++j) f[j] *= scale;
+  }
+  if (cap > acc_t(0)) {
+#pragma omp simd
+    for (int64_t j = 0; j < valid; ++j) f[j] = cap * tanh_fast(f[j] * inv_cap);
+  }
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < valid; ++j) m = f[j] > m ? f[j] : m;
+  acc_t s = 0, sf = 0;
+  if (valid > 0 && m != -std::numeric_limits<acc_t>::infinity()) {
+#pragma omp simd reduction(+ : s, sf)
+    for (int64_t j = 0; j < valid; ++j) {
+      s += exp_fast(f[j] - m);
+      sf += f[j];
+    }
+  } else {
+    // An all-padding shard (or -inf logits): no mass here.  NaNs still reach s through sf.
+    for (int64_t j = 0; j < valid; ++j) sf += f[j];
+  }
+  const acc_t lse = s > acc_t(0) || s != s ? m + std::log(s) : (sf != sf ? sf : -std::numeric_limits<acc_t>::infinity());
+  const acc_t zy = in.target >= 0 ? f[in.target] : acc_t(0);
+  out.lse = lse;
+  out.zy = zy;
+  out.sumf = sf;
+  if (in.ignored) {
+    out.loss = 0;
+  } else {
+    out.loss = (acc_t(1) - c.eps) * (lse - zy) + c.eps * (lse - sf * c.inv_vocab) + c.z_loss * lse * lse;
+  }
+  if (!in.grad) return;
+  if (in.ignored) {
+    for (int64_t j = 0; j < in.v; ++j) f[j] = 0;
+    return;
+  }
+  const acc_t l = in.have_lse ? in.lse_given : lse;
+  const acc_t a = in.g * (acc_t(1) + acc_t(2) * c.z_loss * l);
+  const acc_t b = in.g * c.eps * c.inv_vocab;
+  if (cap > acc_t(0)) {
+#pragma omp simd
+    for (int64_t j = 0; j < valid; ++j) {
+      const acc_t t = f[j] * inv_cap;
+      f[j] = (a * exp_fast(f[j] - l) - b) * (acc_t(1) - t * t) * scale;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < valid; ++j) f[j] = (a * exp_fast(f[j] - l) - b) * scale;
+  }
+  if (in.target >= 0) {
+    const acc_t t = zy * inv_cap;
+    const acc_t chain = (cap > acc_t(0) ? acc_t(1) - t * t : acc_t(1)) * scale;
+    f[in.target] -= in.g * (acc_t(1) - c.eps) * chain;
+  }
+  for (int64_t j = valid; j < in.v; ++j) f[j] = 0;
+}
+
+// One compiled clone per instruction set; the loader picks the best at run time.
+TK_TARGET_CLONES void process_row_f32(float* f, const RowIn<float>& in, const Consts<float>& c, RowOut<float>& out) {
+  process_row<float>(f, in, c, out);
+}
+
+void process_row_f64(double* f, const RowIn<double>& in, const Consts<double>& c, RowOut<double>& out) {
+  process_row<double>(f, in, c, out);
+}
+
+inline void run_row(float* f, const RowIn<float>& in, const Consts<float>& c, RowOut<float>& out) {
+  process_row_f32(f, in, c, out);
+}
+inline void run_row(double* f, const RowIn<double>& in, const Consts<double>& c, RowOut<double>& out) {
+  process_row_f64(f, in, c, out);
+}
+
+// The row in the accumulation type: the chunk itself when the types agree, else a converted copy.
+template <typename scalar_t, typename acc_t>
+acc_t* load_row(scalar_t* zr, std::vector<acc_t>& buf, int64_t v) {
+  if constexpr (std::is_same<scalar_t, acc_t>::value) {
+    return zr;
+  } else {
+    for (int64_t j = 0; j < v; ++j) buf[j] = static_cast<acc_t>(zr[j]);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void store_row(scalar_t* zr, const acc_t* f, int64_t v) {
+  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+    for (int64_t j = 0; j < v; ++j) zr[j] = static_cast<scalar_t>(f[j]);
+  }
+}
+
+void cpu_row_kernel(const RowTask& t, const LossOptions& o) {
+  const int64_t rows = t.logits.size(0), v = t.logits.size(1);
+  const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(v, o.vocab_total - o.vocab_start));
+  const int64_t* labels = t.labels.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.logits.scalar_type(), "tiedkernels_cpu_row", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* z = t.logits.data_ptr<scalar_t>();
+    const acc_t* gs = t.grad_scale.defined() ? t.grad_scale.data_ptr<acc_t>() : nullptr;
+    const bool gs_scalar = t.grad_scale.defined() && t.grad_scale.dim() == 0;
+    const acc_t* lse_in = t.lse_in.defined() ? t.lse_in.data_ptr<acc_t>() : nullptr;
+    acc_t* lse_out = t.lse_out.defined() ? t.lse_out.data_ptr<acc_t>() : nullptr;
+    acc_t* loss_out = t.loss_out.defined() ? t.loss_out.data_ptr<acc_t>() : nullptr;
+    acc_t* stats = t.stats_out.defined() ? t.stats_out.data_ptr<acc_t>() : nullptr;
+    const int64_t stats_stride = t.stats_out.defined() ? t.stats_out.stride(0) : 0;
+    Consts<acc_t> c;
+    c.scale = static_cast<acc_t>(o.logit_scale);
+    c.softcap = static_cast<acc_t>(o.softcap);
+    c.inv_softcap = o.softcap > 0 ? static_cast<acc_t>(1.0 / o.softcap) : acc_t(0);
+    c.eps = static_cast<acc_t>(o.label_smoothing);
+    c.z_loss = static_cast<acc_t>(o.z_loss);
+    c.inv_vocab = static_cast<acc_t>(1.0 / static_cast<double>(o.vocab_total));
+    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(std::is_same<scalar_t, acc_t>::value ? 0 : v);
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* zr = z + r * v;
+        acc_t* f = load_row<scalar_t, acc_t>(zr, buf, v);
+        RowIn<acc_t> in;
+        const int64_t y = labels[r];
+        in.ignored = y == o.ignore_index;
+        const int64_t local = y - o.vocab_start;
+        in.target = (!in.ignored && local >= 0 && local < valid) ? local : -1;
+        in.valid = valid;
+        in.v = v;
+        in.have_lse = lse_in != nullptr;
+        in.lse_given = lse_in ? lse_in[r] : acc_t(0);
+        in.g = gs ? (gs_scalar ? gs[0] : gs[r]) : acc_t(1);
+        in.grad = t.write_grad;
+        RowOut<acc_t> out;
+        run_row(f, in, c, out);
+        if (lse_out) lse_out[r] = out.lse;
+        if (loss_out) loss_out[r] = out.loss;
+        if (stats) {
+          stats[r] = out.lse;
+          stats[stats_stride + r] = out.zy;
+          stats[2 * stats_stride + r] = out.sumf;
+        }
+        if (t.write_grad) store_row<scalar_t, acc_t>(zr, f, v);
+      }
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_cpu(
+    const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+  check_labels_host(labels, ignore_index, vocab_total > 0 ? vocab_total : vocab_start + weight.size(0));
+  return lce_fwd_entry(cpu_row_kernel, hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
+                       z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
+                       compute_db);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+  check_labels_host(labels, ignore_index, vocab_total > 0 ? vocab_total : vocab_start + weight.size(0));
+  return lce_bwd_entry(cpu_row_kernel, grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing,
+                       z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
+                       compute_db);
+}
+
+at::Tensor lce_stats_cpu(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         const at::Tensor& labels, int64_t ignore_index, double softcap, double logit_scale,
+                         int64_t vocab_start, int64_t vocab_total, int64_t chunk_size) {
+  check_labels_host(labels, ignore_index, vocab_total > 0 ? vocab_total : vocab_start + weight.size(0));
+  return lce_stats_entry(cpu_row_kernel, hidden, weight, bias, labels, ignore_index, softcap, logit_scale,
+                         vocab_start, vocab_total, chunk_size);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tiedkernels, CPU, m) {
+  m.impl("lce_fwd", &lce_fwd_cpu);
+  m.impl("lce_bwd", &lce_bwd_cpu);
+  m.impl("lce_stats", &lce_stats_cpu);
+}
+
+}  // namespace tiedkernels

@@ -1,0 +1,195 @@
+#include "lce_driver.h"
+
+#include <algorithm>
+
+namespace tiedkernels {
+
+namespace {
+
+at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// Rows of the vocabulary per tile when a low-precision chunk's dW contribution is
+// rounded once to the input dtype and added into the fp32 accumulator.
+constexpr int64_t kDwTileBytes = 8LL << 20;
+
+}  // namespace
+
+void check_loss_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& labels, int64_t chunk_size) {
+  TORCH_CHECK(hidden.dim() == 2, "tiedkernels: hidden must be [N, D], got ", hidden.sizes());
+  TORCH_CHECK(weight.dim() == 2, "tiedkernels: weight must be [V, D], got ", weight.sizes());
+  TORCH_CHECK(hidden.size(1) == weight.size(1), "tiedkernels: hidden ", hidden.sizes(), " and weight ",
+              weight.sizes(), " disagree on D");
+  TORCH_CHECK(hidden.scalar_type() == weight.scalar_type(), "tiedkernels: hidden is ", hidden.scalar_type(),
+              " but weight is ", weight.scalar_type());
+  TORCH_CHECK(at::isFloatingType(hidden.scalar_type()), "tiedkernels: hidden must be floating point");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == hidden.size(0), "tiedkernels: labels ", labels.sizes(),
+              " do not match hidden ", hidden.sizes());
+  TORCH_CHECK(!at::isFloatingType(labels.scalar_type()) && labels.scalar_type() != at::kBool,
+              "tiedkernels: labels must be an integer tensor");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "tiedkernels: bias ", bias->sizes(),
+                " does not match weight ", weight.sizes());
+    TORCH_CHECK(bias->scalar_type() == weight.scalar_type(), "tiedkernels: bias dtype must match weight");
+  }
+  TORCH_CHECK(chunk_size > 0, "tiedkernels: chunk_size must be positive, got ", chunk_size);
+}
+
+void check_labels_host(const at::Tensor& labels, int64_t ignore_index, int64_t vocab_total) {
+  auto lab = labels.to(at::kLong).contiguous();
+  const int64_t* p = lab.data_ptr<int64_t>();
+  for (int64_t i = 0; i < lab.numel(); ++i) {
+    const int64_t y = p[i];
+    TORCH_CHECK_INDEX(y == ignore_index || (y >= 0 && y < vocab_total), "tiedkernels: label ", y,
+                      " at position ", i, " is outside [0, V) for V=", vocab_total,
+                      " and is not ignore_index=", ignore_index);
+  }
+}
+
+LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& labels,
+                       const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lse_in,
+                       const LossOptions& opt, int64_t chunk_size, bool compute_dh, bool compute_dw,
+                       bool compute_db, RowKernel row_kernel) {
+  check_loss_args(hidden, weight, bias, labels, chunk_size);
+  const auto h = hidden.contiguous();
+  const auto w = weight.contiguous();
+  const auto lab = labels.to(at::kLong).contiguous();
+  const int64_t n = h.size(0), v = w.size(0), d = w.size(1);
+  const auto dtype = h.scalar_type();
+  const auto sdt = stat_dtype(dtype);
+  const auto sopt = h.options().dtype(sdt);
+
+  const bool grads = mode == LossMode::Backward ||
+                     (mode == LossMode::Forward && grad_scale.has_value() && (compute_dh || compute_dw || compute_db));
+  at::Tensor gs;
+  if (grad_scale.has_value()) {
+    gs = grad_scale->to(sdt).contiguous();
+    TORCH_CHECK(gs.dim() == 0 || (gs.dim() == 1 && gs.size(0) == n), "tiedkernels: grad scale must be 0-dim or [N]");
+  }
+  at::Tensor lse_given;
+  if (mode == LossMode::Backward) {
+    TORCH_CHECK(lse_in.has_value() && lse_in->dim() == 1 && lse_in->size(0) == n, "tiedkernels: lse must be [N]");
+    lse_given = lse_in->to(sdt).contiguous();
+  }
+
+  LossResult r;
+  at::Tensor loss_vec;
+  if (mode == LossMode::Forward) {
+    loss_vec = at::empty({n}, sopt);
+    r.lse = at::empty({n}, sopt);
+  } else if (mode == LossMode::Stats) {
+    r.stats = at::empty({3, n}, sopt);
+  }
+  const bool want_dh = grads && compute_dh, want_dw = grads && compute_dw, want_db = grads && compute_db;
+  r.dh = want_dh ? at::empty({n, d}, h.options()) : at::empty({0}, h.options());
+  at::Tensor dw_acc = want_dw ? at::zeros({v, d}, w.options().dtype(sdt)) : at::Tensor();
+  at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
+  const bool low_precision = dtype != sdt;
+  const int64_t dw_tile = std::max<int64_t>(1, kDwTileBytes / std::max<int64_t>(1, d * h.element_size()));
+
+  const int64_t chunk = std::max<int64_t>(1, std::min(chunk_size, n));
+  at::Tensor zbuf = at::empty({n == 0 ? 0 : chunk, v}, h.options());
+  const auto wt = w.t();
+  for (int64_t start = 0; start < n; start += chunk) {
+    const int64_t rows = std::min(chunk, n - start);
+    const auto hc = h.narrow(0, start, rows);
+    auto z = zbuf.narrow(0, 0, rows);
+    if (bias.has_value()) {
+      at::addmm_out(z, *bias, hc, wt);
+    } else {
+      at::mm_out(z, hc, wt);
+    }
+    RowTask t;
+    t.logits = z;
+    t.labels = lab.narrow(0, start, rows);
+    if (gs.defined()) t.grad_scale = gs.dim() == 0 ? gs : gs.narrow(0, start, rows);
+    if (lse_given.defined()) t.lse_in = lse_given.narrow(0, start, rows);
+    if (mode == LossMode::Forward) {
+      t.lse_out = r.lse.narrow(0, start, rows);
+      t.loss_out = loss_vec.narrow(0, start, rows);
+    }
+    if (mode == LossMode::Stats) t.stats_out = r.stats.narrow(1, start, rows);
+    t.write_grad = grads;
+    row_kernel(t, opt);
+    if (!grads) continue;
+    if (want_dh) {
+      auto dhc = r.dh.narrow(0, start, rows);
+      at::mm_out(dhc, z, w);
+    }
+    if (want_dw) {
+      if (!low_precision) {
+        dw_acc.addmm_(z.t(), hc);
+      } else {
+        // One rounding of this chunk's contribution, then fp32 accumulation across chunks,
+        // in vocabulary tiles so the temporary stays small.
+        for (int64_t v0 = 0; v0 < v; v0 += dw_tile) {
+          const int64_t vt = std::min(dw_tile, v - v0);
+          dw_acc.narrow(0, v0, vt).add_(at::mm(z.narrow(1, v0, vt).t(), hc));
+        }
+      }
+    }
+    if (want_db) db_acc.add_(at::sum(z, {0}, false, sdt));
+  }
+
+  if (mode == LossMode::Forward) {
+    r.loss = gs.defined() ? (gs.dim() == 0 ? loss_vec.sum() * gs : (loss_vec * gs).sum()) : loss_vec;
+  }
+  r.dw = want_dw ? (low_precision ? dw_acc.to(dtype) : dw_acc) : at::empty({0}, w.options());
+  r.db = want_db ? (low_precision ? db_acc.to(dtype) : db_acc) : at::empty({0}, w.options());
+  return r;
+}
+
+namespace {
+LossOptions make_options(int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                         double logit_scale, int64_t vocab_start, int64_t vocab_total, int64_t v_local) {
+  LossOptions o;
+  o.ignore_index = ignore_index;
+  o.label_smoothing = label_smoothing;
+  o.z_loss = z_loss;
+  o.softcap = softcap;
+  o.logit_scale = logit_scale;
+  o.vocab_start = vocab_start;
+  o.vocab_total = vocab_total > 0 ? vocab_total : v_local + vocab_start;
+  TORCH_CHECK(vocab_start >= 0, "tiedkernels: vocab_start must be >= 0");
+  TORCH_CHECK(softcap >= 0, "tiedkernels: softcap must be positive (0 disables it)");
+  TORCH_CHECK(label_smoothing >= 0 && label_smoothing <= 1, "tiedkernels: label_smoothing must be in [0, 1]");
+  return o;
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_entry(
+    RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+  const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
+                              vocab_total, weight.size(0));
+  auto r = lce_chunked(LossMode::Forward, hidden, weight, bias, labels, grad_scale, c10::nullopt, o, chunk_size,
+                       compute_dh, compute_dw, compute_db, rk);
+  return {r.loss, r.lse, r.dh, r.dw, r.db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
+    RowKernel rk, const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+  const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
+                              vocab_total, weight.size(0));
+  auto r = lce_chunked(LossMode::Backward, hidden, weight, bias, labels, grad_loss, lse, o, chunk_size,
+                       compute_dh, compute_dw, compute_db, rk);
+  return {r.dh, r.dw, r.db};
+}
+
+at::Tensor lce_stats_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& labels, int64_t ignore_index,
+                           double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
+                           int64_t chunk_size) {
+  const auto o = make_options(ignore_index, 0.0, 0.0, softcap, logit_scale, vocab_start, vocab_total, weight.size(0));
+  auto r = lce_chunked(LossMode::Stats, hidden, weight, bias, labels, c10::nullopt, c10::nullopt, o, chunk_size,
+                       false, false, false, rk);
+  return r.stats;
+}
+
+}  // namespace tiedkernels

@@ -1,0 +1,82 @@
+// Device-generic chunked driver for the fused linear + cross-entropy.
+//
+// The driver owns the row-chunk loop and the GEMMs (through ATen, so cuBLAS on
+// CUDA and MKL/oneDNN on the CPU); a device supplies one "row kernel" that turns
+// a chunk of raw logits into per-row statistics and, when asked, overwrites the
+// chunk in place with dL/dz.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace tiedkernels {
+
+// Options shared by every loss kernel.  All vocabulary indices are global:
+// local column j of the weight shard is vocabulary entry vocab_start + j, and
+// entries at or beyond vocab_total are padding (masked to -inf).
+struct LossOptions {
+  int64_t ignore_index = -100;
+  double label_smoothing = 0.0;
+  double z_loss = 0.0;
+  double softcap = 0.0;  // 0 disables the softcap
+  double logit_scale = 1.0;
+  int64_t vocab_start = 0;
+  int64_t vocab_total = 0;  // 0 means "the local vocabulary is the whole vocabulary"
+};
+
+// What the row kernel must do with one chunk.
+struct RowTask {
+  at::Tensor logits;      // [rows, V] raw logits (h W^T + b), input dtype; dL/dz on return if write_grad
+  at::Tensor labels;      // [rows] int64, global ids
+  at::Tensor grad_scale;  // [rows] fp32, or 0-dim fp32, or undefined (=1)
+  at::Tensor lse_in;      // [rows] fp32 given (backward, or global lse) or undefined
+  at::Tensor lse_out;     // [rows] fp32 or undefined
+  at::Tensor loss_out;    // [rows] fp32 or undefined
+  at::Tensor stats_out;   // [3, rows] fp32 (local lse, target logit, sum of logits) or undefined
+  bool write_grad = false;
+};
+
+using RowKernel = void (*)(const RowTask& task, const LossOptions& opt);
+
+struct LossResult {
+  at::Tensor loss, lse, stats, dh, dw, db;
+};
+
+enum class LossMode { Forward, Backward, Stats };
+
+// hidden [N, D], weight [V, D], bias [V] or undefined, labels [N] (any integer type).
+// grad_scale: undefined, 0-dim, or [N] fp32.  lse_in: [N] fp32 (Backward mode).
+LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& labels,
+                       const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lse_in,
+                       const LossOptions& opt, int64_t chunk_size, bool compute_dh, bool compute_dw,
+                       bool compute_db, RowKernel row_kernel);
+
+// Argument checks shared by every device (the user-facing messages live in Python;
+// these guard direct calls of the ops).
+void check_loss_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                     const at::Tensor& labels, int64_t chunk_size);
+
+// Labels must be ignore_index or inside [0, vocab_total).  Reports the first bad one.
+void check_labels_host(const at::Tensor& labels, int64_t ignore_index, int64_t vocab_total);
+
+// Entry points with the op schemas' argument lists; each device wraps them with its
+// own row kernel (and label check).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_entry(
+    RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
+    RowKernel rk, const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
+    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db);
+
+at::Tensor lce_stats_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
+                           const c10::optional<at::Tensor>& bias, const at::Tensor& labels, int64_t ignore_index,
+                           double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
+                           int64_t chunk_size);
+
+}  // namespace tiedkernels

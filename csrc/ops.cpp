@@ -1,0 +1,59 @@
+// The op schemas (defined once, here) and the extension's small Python module.
+// Kernels register per device: csrc/cpu/*.cpp (CPU), csrc/cuda/*.cu (CUDA).
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(tiedkernels, m) {
+  // Embedding: out = weight[ids]; backward scatters rows back (padding_idx rows get none).
+  m.def("embedding_fwd(Tensor weight, Tensor ids, int? padding_idx) -> Tensor");
+  m.def("embedding_bwd(Tensor grad, Tensor ids, SymInt num_weights, int? padding_idx) -> Tensor");
+  m.def("embedding_bwd_acc_(Tensor(a!) grad_weight, Tensor grad, Tensor ids, int? padding_idx) -> ()");
+  // Logits: z = softcap((h W^T + b) * logit_scale); softcap 0 disables it.
+  m.def("logits_fwd(Tensor hidden, Tensor weight, Tensor? bias, float logit_scale, float softcap) -> Tensor");
+  m.def(
+      "logits_bwd(Tensor grad, Tensor logits, Tensor hidden, Tensor weight, Tensor? bias, float logit_scale, "
+      "float softcap, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor)");
+  // Fused linear + cross-entropy over row chunks.  Returns (loss, lse, dh, dw, db): loss is [N]
+  // per token, or the scalar sum(loss * grad_scale) when grad_scale is given, in which case the
+  // requested gradients of that scalar are computed in the same pass (empty [0] tensors otherwise).
+  m.def(
+      "lce_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_scale, int ignore_index, "
+      "float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, int vocab_total, "
+      "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Recompute backward: gradients of sum(grad_loss * loss) given the (global) lse.
+  m.def(
+      "lce_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, "
+      "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor)");
+  // Per-row statistics of a vocabulary shard: [3, N] = (local lse, target logit or 0, sum of logits).
+  m.def(
+      "lce_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, float softcap, "
+      "float logit_scale, int vocab_start, int vocab_total, int chunk_size) -> Tensor");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict d;
+  d["cpu"] = true;
+#ifdef TIEDKERNELS_WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  d["openmp"] = _OPENMP;
+#else
+  d["openmp"] = 0;
+#endif
+  d["torch"] = TIEDKERNELS_TORCH_VERSION;
+  d["compiler"] = __VERSION__;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "tiedkernels compiled kernels";
+  m.def("build_info", &build_info, "How this extension was built");
+}

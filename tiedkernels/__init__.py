@@ -1,0 +1,16 @@
+"""tiedkernels: one weight for the input embedding, the logits and a fused cross-entropy."""
+
+from . import _ext
+from . import ops as _ops  # noqa: F401  (fake kernels and autograd of every backend)
+from .functional import embedding, linear_cross_entropy, logits
+from .module import TiedEmbeddingHead, TiedOutputEmbedding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TiedEmbeddingHead",
+    "TiedOutputEmbedding",
+    "embedding",
+    "linear_cross_entropy",
+    "logits",
+]

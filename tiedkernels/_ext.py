@@ -1,0 +1,39 @@
+"""Loading the compiled extension: a failure is remembered and reported once, never raised."""
+
+import warnings
+
+_module = None
+_error = None
+_tried = False
+
+
+def load():
+    """The compiled module (which registers the C++ ops), or None with the reason kept."""
+    global _module, _error, _tried
+    if _tried:
+        return _module
+    _tried = True
+    try:
+        from tiedkernels import _C  # noqa: F401  (importing registers the ops)
+
+        _module = _C
+    except Exception as e:  # ImportError, or a broken build (undefined symbol, ABI mismatch)
+        _error = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"tiedkernels: the compiled extension did not load ({_error}); using the pure-PyTorch "
+            "backend. Rebuild with `pip install --no-build-isolation -e .` or see `python -m tiedkernels info`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _module
+
+
+def error():
+    """Why the extension is not loaded, or None."""
+    load()
+    return _error
+
+
+def build_info():
+    mod = load()
+    return dict(mod.build_info()) if mod is not None else None

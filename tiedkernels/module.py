@@ -1,0 +1,139 @@
+"""TiedEmbeddingHead: one weight for the input embedding, the logits and the fused loss."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import _tie, backends
+from . import functional as tkf
+
+
+class TiedEmbeddingHead(nn.Embedding):
+    """An ``nn.Embedding`` that also projects hidden states onto its weight and computes the
+    fused projection + cross-entropy.
+
+    ``forward(ids)`` / ``embed(ids)`` embed; ``logits(hidden, **opts)`` projects;
+    ``loss(hidden, labels, **opts)`` is ``linear_cross_entropy`` on this weight.
+    ``output_embeddings`` is an ``nn.Linear`` whose registered ``weight`` is this module's very
+    ``Parameter``: use it wherever a model calls ``lm_head(hidden)``.
+
+    ``logit_scale`` and ``softcap`` (attributes) are the defaults of ``logits``/``loss``.
+    """
+
+    def __init__(self, num_embeddings, embedding_dim, *, padding_idx=None, bias=False, device=None, dtype=None,
+                 backend="auto", logit_scale=1.0, softcap=None, _weight=None, _freeze=False):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype,
+                         _weight=_weight, _freeze=_freeze)
+        self.backend = backend
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        b = None
+        if bias:
+            b = nn.Parameter(torch.zeros(num_embeddings, device=self.weight.device, dtype=self.weight.dtype))
+            self.bias = b
+        else:
+            self.register_parameter("bias", None)
+        self.__dict__["output_embeddings"] = TiedOutputEmbedding(self, b)
+
+    @classmethod
+    def from_modules(cls, embedding, lm_head=None, *, backend="auto", register_bias=True):
+        """Build from an existing ``nn.Embedding`` (and optional ``nn.Linear`` head), reusing the
+        embedding's ``Parameter`` and the head's bias ``Parameter``. With ``register_bias=False``
+        the bias is registered only on ``output_embeddings`` (as in a model where the head owns it)."""
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(f"tiedkernels: embedding must be an nn.Embedding, got {type(embedding).__name__}")
+        weight = embedding.weight
+        bias = None
+        if lm_head is not None:
+            if tuple(lm_head.weight.shape) != tuple(weight.shape):
+                raise ValueError(f"tiedkernels: lm_head weight {tuple(lm_head.weight.shape)} does not match the "
+                                 f"embedding weight {tuple(weight.shape)}")
+            bias = getattr(lm_head, "bias", None)
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = embedding.padding_idx
+        self.max_norm = embedding.max_norm
+        self.norm_type = embedding.norm_type
+        self.scale_grad_by_freq = embedding.scale_grad_by_freq
+        self.sparse = embedding.sparse
+        self.weight = weight
+        self.backend = backend
+        self.logit_scale = 1.0
+        self.softcap = None
+        if bias is not None and register_bias:
+            self.bias = bias
+        else:
+            self.register_parameter("bias", None)
+        self.__dict__["output_embeddings"] = TiedOutputEmbedding(self, bias)
+        return self
+
+    # -- the embedding ------------------------------------------------------------------
+    def forward(self, input):
+        return self.embed(input)
+
+    def embed(self, ids):
+        w = self.weight
+        if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
+            # Options only nn.Embedding implements: keep its exact semantics.
+            return F.embedding(ids, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                               self.sparse)
+        tkf.check_index_dtype(ids, "ids")
+        if not _tie.usable(w):
+            return tkf.embedding(ids, w, padding_idx=self.padding_idx, backend=self.backend)
+        tkf.check_weight(w)
+        pad = tkf.normalize_padding_idx(self.padding_idx, w.shape[0])
+        return _tie.embed(w, ids, pad, backends.resolve(self.backend, w.device))
+
+    # -- the head -----------------------------------------------------------------------
+    def _head_opts(self, opts):
+        opts.setdefault("logit_scale", self.logit_scale)
+        opts.setdefault("softcap", self.softcap)
+        opts.setdefault("backend", self.backend)
+        return opts
+
+    def logits(self, hidden, **opts):
+        return self.output_embeddings(hidden, **opts)
+
+    def loss(self, hidden, labels, **opts):
+        opts = self._head_opts(opts)
+        bias = opts.pop("bias", self.output_embeddings.bias)
+        w = self.output_embeddings.weight
+        return tkf.linear_cross_entropy(hidden, _tie.head_weight(w), labels, bias=bias, **opts)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.output_embeddings.bias is not None:
+            s += ", bias=True"
+        if self.logit_scale != 1.0:
+            s += f", logit_scale={self.logit_scale}"
+        if self.softcap is not None:
+            s += f", softcap={self.softcap}"
+        return s + f", backend={self.backend!r}"
+
+
+class TiedOutputEmbedding(nn.Linear):
+    """The output side: an ``nn.Linear`` whose registered ``weight`` is the head's ``Parameter``.
+
+    ``in_features``/``out_features`` are plain attributes (resizing code writes them); the
+    sizes used are always read from ``weight.shape``.
+    """
+
+    def __init__(self, head, bias=None):
+        nn.Module.__init__(self)
+        self.__dict__["head"] = head  # not a submodule: the two modules are registered apart
+        self.weight = head.weight
+        self.out_features, self.in_features = head.weight.shape
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = bias
+
+    def forward(self, hidden, **opts):
+        opts = self.head._head_opts(opts)
+        bias = opts.pop("bias", self.bias)
+        return tkf.logits(hidden, _tie.head_weight(self.weight), bias=bias, **opts)
+
+    def extra_repr(self):
+        v, d = self.weight.shape
+        return f"in_features={d}, out_features={v}, bias={self.bias is not None}, tied=True"

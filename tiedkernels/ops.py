@@ -1,0 +1,197 @@
+"""Fake kernels and autograd for every backend's ops.
+
+The compiled ops (``tiedkernels::<name>``) and the Python-defined ones
+(``tiedkernels::<prefix><name>``) share these registrations, so every backend behaves
+the same under autograd, ``torch.compile`` and ``torch.library.opcheck``.
+"""
+
+import torch
+
+from . import _ext
+from . import _torch_backend  # noqa: F401  (defines the torch_* ops)
+
+
+def _stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------
+# fake kernels (shapes and dtypes only)
+
+
+def _embedding_fwd_fake(weight, ids, padding_idx):
+    return weight.new_empty((*ids.shape, weight.shape[1]))
+
+
+def _embedding_bwd_fake(grad, ids, num_weights, padding_idx):
+    return grad.new_empty((num_weights, grad.shape[-1]))
+
+
+def _embedding_bwd_acc_fake(grad_weight, grad, ids, padding_idx):
+    return None
+
+
+def _logits_fwd_fake(hidden, weight, bias, logit_scale, softcap):
+    torch._check(hidden.shape[-1] == weight.shape[1])
+    return hidden.new_empty((*hidden.shape[:-1], weight.shape[0]))
+
+
+def _logits_bwd_fake(grad, logits, hidden, weight, bias, logit_scale, softcap, compute_dh, compute_dw, compute_db):
+    dh = hidden.new_empty(hidden.shape) if compute_dh else hidden.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if compute_dw else weight.new_empty((0,))
+    db = weight.new_empty((weight.shape[0],)) if (compute_db and bias is not None) else weight.new_empty((0,))
+    return dh, dw, db
+
+
+def _grad_outputs_fake(hidden, weight, want_dh, want_dw, want_db):
+    dh = hidden.new_empty(hidden.shape) if want_dh else hidden.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if want_dw else weight.new_empty((0,))
+    db = weight.new_empty((weight.shape[0],)) if want_db else weight.new_empty((0,))
+    return dh, dw, db
+
+
+def _lce_fwd_fake(hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+                  logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db):
+    torch._check(hidden.shape[1] == weight.shape[1])
+    torch._check(labels.shape[0] == hidden.shape[0])
+    sdt = _stat_dtype(hidden.dtype)
+    n = hidden.shape[0]
+    grads = grad_scale is not None and (compute_dh or compute_dw or compute_db)
+    loss = hidden.new_empty((), dtype=sdt) if grad_scale is not None else hidden.new_empty((n,), dtype=sdt)
+    lse = hidden.new_empty((n,), dtype=sdt)
+    return (loss, lse) + _grad_outputs_fake(hidden, weight, grads and compute_dh, grads and compute_dw,
+                                            grads and compute_db)
+
+
+def _lce_bwd_fake(grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, z_loss, softcap,
+                  logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db):
+    return _grad_outputs_fake(hidden, weight, compute_dh, compute_dw, compute_db)
+
+
+def _lce_stats_fake(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start, vocab_total,
+                    chunk_size):
+    return hidden.new_empty((3, hidden.shape[0]), dtype=_stat_dtype(hidden.dtype))
+
+
+_FAKES = {
+    "embedding_fwd": _embedding_fwd_fake,
+    "embedding_bwd": _embedding_bwd_fake,
+    "embedding_bwd_acc_": _embedding_bwd_acc_fake,
+    "logits_fwd": _logits_fwd_fake,
+    "logits_bwd": _logits_bwd_fake,
+    "lce_fwd": _lce_fwd_fake,
+    "lce_bwd": _lce_bwd_fake,
+    "lce_stats": _lce_stats_fake,
+}
+
+
+# ---------------------------------------------------------------------------------------
+# autograd
+
+
+def _is_one(g):
+    """True only when it is free to know that g == 1 (a real CPU tensor, outside tracing)."""
+    if torch.compiler.is_compiling() or g.device.type != "cpu" or g.numel() != 1:
+        return False
+    if isinstance(g, torch._subclasses.FakeTensor) or type(g) is not torch.Tensor:
+        return False
+    return bool(g == 1)
+
+
+def _make_autograd(prefix):
+    def op(name):
+        return getattr(torch.ops.tiedkernels, prefix + name).default
+
+    # embedding ---------------------------------------------------------------------------
+    def emb_setup(ctx, inputs, output):
+        weight, ids, padding_idx = inputs
+        ctx.save_for_backward(ids)
+        ctx.num_weights = weight.shape[0]
+        ctx.padding_idx = padding_idx
+
+    def emb_backward(ctx, grad):
+        (ids,) = ctx.saved_tensors
+        gw = None
+        if ctx.needs_input_grad[0]:
+            gw = op("embedding_bwd")(grad, ids, ctx.num_weights, ctx.padding_idx)
+        return gw, None, None
+
+    # logits ------------------------------------------------------------------------------
+    def logits_setup(ctx, inputs, output):
+        hidden, weight, bias, logit_scale, softcap = inputs
+        ctx.opts = (logit_scale, softcap)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, output if softcap > 0 else None)
+
+    def logits_backward(ctx, grad):
+        hidden, weight, bias, out = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dh, dw, db = op("logits_bwd")(grad, out if out is not None else grad, hidden, weight, bias, *ctx.opts,
+                                      need[0], need[1], need[2] and ctx.has_bias)
+        return (dh if need[0] else None, dw if need[1] else None, db if (need[2] and ctx.has_bias) else None,
+                None, None)
+
+    # fused loss --------------------------------------------------------------------------
+    def lce_setup(ctx, inputs, output):
+        (hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
+         vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db) = inputs
+        loss, lse, dh, dw, db = output
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(lse, dh, dw, db)
+        ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start, vocab_total,
+                    chunk_size)
+        ctx.has_bias = bias is not None
+        ctx.scalar = grad_scale is not None
+        # Gradient-in-forward: keep the finished gradients (detached, so no reference cycle
+        # through this node) until the first backward takes them.
+        if grad_scale is not None and (compute_dh or compute_dw or compute_db):
+            ctx.pre = tuple(t.detach() if flag else None
+                            for t, flag in ((dh, compute_dh), (dw, compute_dw), (db, compute_db)))
+        else:
+            ctx.pre = None
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_scale)
+
+    def lce_backward(ctx, g_loss, *unused):
+        need = ctx.needs_input_grad
+        want = (need[0], need[1], need[2] and ctx.has_bias)
+        if g_loss is None or not any(want):
+            return (None,) * 16
+        pre, ctx.pre = ctx.pre, None
+        if pre is not None and all(p is not None for p, w in zip(pre, want) if w):
+            if not _is_one(g_loss):
+                pre = tuple(p.mul_(g_loss) if p is not None else None for p in pre)
+            grads = tuple(p if w else None for p, w in zip(pre, want))
+        else:
+            # Recompute (reduction="none", or a second backward after the first took the
+            # forward's gradients): the tiles again, with the real incoming gradient.
+            hidden, weight, bias, labels, lse, grad_scale = ctx.saved_tensors
+            g = g_loss * grad_scale if ctx.scalar else g_loss
+            dh, dw, db = op("lce_bwd")(g, hidden, weight, bias, labels, lse, *ctx.opts, *want)
+            grads = tuple(t if w else None for t, w in zip((dh, dw, db), want))
+        return grads + (None,) * 13
+
+    torch.library.register_autograd(f"tiedkernels::{prefix}embedding_fwd", emb_backward, setup_context=emb_setup)
+    torch.library.register_autograd(f"tiedkernels::{prefix}logits_fwd", logits_backward, setup_context=logits_setup)
+    torch.library.register_autograd(f"tiedkernels::{prefix}lce_fwd", lce_backward, setup_context=lce_setup)
+
+
+def _register(prefix):
+    for name, fake in _FAKES.items():
+        torch.library.register_fake(f"tiedkernels::{prefix}{name}")(fake)
+    _make_autograd(prefix)
+
+
+_registered = set()
+
+
+def register_prefix(prefix):
+    """Fake kernels and autograd for one backend's ops (idempotent)."""
+    if prefix in _registered:
+        return
+    _register(prefix)
+    _registered.add(prefix)
+
+
+register_prefix("torch_")
+if _ext.load() is not None:
+    register_prefix("")
