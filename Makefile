@@ -1,0 +1,42 @@
+# Two commands a user needs: `make demo` and `make test`. Each sets up what it needs:
+# a virtual environment, torch, the test requirements and the compiled extension.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tiedkernels-installed
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp requirements/*.txt)
+
+# Fragments under mk/ add their own targets; they append to EXTRA_TESTS what `make test`
+# must also run (a second transformers line, the CUDA compile check, ...).
+EXTRA_TESTS :=
+
+.PHONY: all install demo test test-core bench clean
+all: test
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade "pip>=23" setuptools wheel ninja
+	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -r requirements/test.txt
+	$(BIN)/python -m pip install --no-build-isolation -e .
+	$(BIN)/python -m tiedkernels info
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python -m tiedkernels demo
+
+test-core: install
+	$(BIN)/python -m pytest tests benchmarks -q
+
+-include mk/*.mk
+
+test: test-core $(EXTRA_TESTS)
+
+bench: install
+	$(BIN)/python -m pytest benchmarks -q --benchmark-only
+
+clean:
+	rm -rf build *.egg-info tiedkernels/*.so
