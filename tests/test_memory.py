@@ -58,7 +58,7 @@ def test_one_gradient_buffer_for_the_tied_weight():
         head.loss(body(head(ids)), y).backward()
     """)
     buf = 65536 * 512 * 4  # one [V, D] fp32 gradient: 128 MiB
-    # logits of 128 tokens are 32 MiB in plain PyTorch; everything else is small
+    chunk = 128 * 65536 * 4  # the fused loss's one chunk of logits (all 128 tokens here): 32 MiB
     assert plain > 2 * buf, plain / MiB
-    assert ours < 1.25 * buf, ours / MiB
+    assert ours < buf + chunk + 16 * MiB, ours / MiB
     assert plain - ours > 0.8 * buf, (plain / MiB, ours / MiB)
