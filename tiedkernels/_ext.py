@@ -5,11 +5,12 @@ import warnings
 _module = None
 _error = None
 _tried = False
+_info = None
 
 
 def load():
     """The compiled module (which registers the C++ ops), or None with the reason kept."""
-    global _module, _error, _tried
+    global _module, _error, _tried, _info
     if _tried:
         return _module
     _tried = True
@@ -17,6 +18,7 @@ def load():
         from tiedkernels import _C  # noqa: F401  (importing registers the ops)
 
         _module = _C
+        _info = dict(_C.build_info())  # read once: plain data is cheap to consult while tracing
     except Exception as e:  # ImportError, or a broken build (undefined symbol, ABI mismatch)
         _error = f"{type(e).__name__}: {e}"
         warnings.warn(
@@ -35,5 +37,5 @@ def error():
 
 
 def build_info():
-    mod = load()
-    return dict(mod.build_info()) if mod is not None else None
+    load()
+    return _info
