@@ -53,13 +53,15 @@ def demo(args):
 
 def main(argv=None):
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="python -m tiedkernels")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    for name, (_, help) in COMMANDS.items():
-        p = sub.add_parser(name, help=help, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
-    return COMMANDS[args.cmd][0](args) or 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]][0](argparse.Namespace(cmd=argv[0], rest=argv[1:])) or 0
+    parser = argparse.ArgumentParser(prog="python -m tiedkernels",
+                                     epilog="\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items()),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=sorted(COMMANDS), help="one of the commands below")
+    parser.parse_args(argv)
+    return 2
 
 
 def _load_plugins():
