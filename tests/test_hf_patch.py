@@ -1,0 +1,225 @@
+"""tiedkernels.hf.patch / unpatch on tiny models of every supported architecture.
+
+Models are built in float64 with identical weights; the stock model is a deep copy taken before
+patching. Tolerances: the stock causal-LM loss (``ForCausalLMLoss``) upcasts the logits with
+``.float()``, i.e. it rounds them to float32 (relative error 2**-24 ≈ 6e-8 per logit) while the fused
+loss stays in float64; for logits of size O(1) and losses O(5) that bounds loss and gradient
+differences by ~1e-6, hence atol=1e-6/rtol=1e-6 there. The other heads (BERT, T5, BART) compute
+the stock loss in float64: 1e-10 there.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import tiedkernels.hf as tkhf  # noqa: E402
+from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
+from tiedkernels.hf._testing import ARCHS, CAUSAL, batch, build  # noqa: E402
+
+V5 = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def tol(arch):
+    return dict(atol=1e-6, rtol=1e-6) if arch in CAUSAL else dict(atol=1e-10, rtol=1e-10)
+
+
+def pair(arch, **kw):
+    stock = build(arch, **kw)
+    model = copy.deepcopy(stock)
+    tkhf.patch(model)
+    return stock, model
+
+
+def tied_param(model):
+    return model.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_patch_installs_one_head_on_the_existing_parameter(arch):
+    stock = build(arch)
+    keys = list(stock.state_dict().keys())
+    nparams = sum(p.numel() for p in stock.parameters())
+    w = stock.get_input_embeddings().weight
+    bias = stock.get_output_embeddings().bias
+    tied = dict(getattr(stock, "all_tied_weights_keys", {}))
+    assert tkhf.patch(stock) is stock
+    inp, out = stock.get_input_embeddings(), stock.get_output_embeddings()
+    assert isinstance(inp, HFTiedEmbedding) and isinstance(out, HFTiedOutput)
+    assert out is inp.output_embeddings
+    assert inp.weight is w and out.weight is w
+    assert out.bias is bias
+    if arch == "bert":
+        assert out.bias is stock.cls.predictions.bias
+    assert list(stock.state_dict().keys()) == keys
+    assert sum(p.numel() for p in stock.parameters()) == nparams
+    if V5:
+        assert stock.all_tied_weights_keys == tied and tied
+    # HF's own tie_weights keeps all of it (both signatures on v5)
+    stock.tie_weights()
+    if V5:
+        stock.tie_weights(missing_keys=None, recompute_mapping=False)
+        stock.tie_weights(recompute_mapping=True)
+        assert stock.all_tied_weights_keys == tied
+    assert stock.get_input_embeddings() is inp and stock.get_output_embeddings() is out
+    assert out.weight is w and inp.weight is w
+    # idempotent
+    tkhf.patch(stock)
+    assert stock.get_input_embeddings() is inp and stock.get_output_embeddings() is out
+    assert list(stock.state_dict().keys()) == keys
+    # every path that held the stock embedding holds the head (T5/BART encoder and decoder)
+    for name, mod in stock.named_modules(remove_duplicate=False):
+        assert not (isinstance(mod, torch.nn.Embedding) and mod.weight is w and mod is not inp), name
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_unpatch_restores_stock_modules(arch):
+    stock, model = pair(arch)
+    w = tied_param(model)
+    tkhf.unpatch(model)
+    tkhf.unpatch(model)  # idempotent
+    assert type(model.get_input_embeddings()) is type(stock.get_input_embeddings())
+    assert type(model.get_output_embeddings()) is type(stock.get_output_embeddings())
+    assert model.get_input_embeddings().weight is w and model.get_output_embeddings().weight is w
+    assert "forward" not in model.__dict__ and not tkhf.is_patched(model)
+    assert list(model.state_dict().keys()) == list(stock.state_dict().keys())
+    b = batch(arch, stock)
+    torch.testing.assert_close(model(**b).loss, stock(**b).loss, atol=0, rtol=0)
+    tkhf.patch(model)
+    assert isinstance(model.get_input_embeddings(), HFTiedEmbedding)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_loss_and_every_gradient_equal_stock(arch):
+    stock, model = pair(arch)
+    b = batch(arch, stock)
+    ref = stock(**b)
+    ref.loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to materialized logits
+        out = model(**b)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), **tol(arch))
+    grads = dict(stock.named_parameters())
+    n = 0
+    for name, p in model.named_parameters():
+        if grads[name].grad is None:
+            assert p.grad is None, name
+            continue
+        torch.testing.assert_close(p.grad, grads[name].grad, **tol(arch), msg=name)
+        n += 1
+    assert n == len(list(stock.parameters()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_return_logits_flag(arch):
+    stock, model = pair(arch)
+    b = batch(arch, stock)
+    ref = stock(**b)
+    out = model(**b, return_logits=True)
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-12, rtol=1e-12)
+    tkhf.patch(model, return_logits=True)
+    assert model(**b).logits is not None
+    tkhf.patch(model, fused_loss=False)
+    assert model(**b).logits is not None
+    # without labels the logits are always there and equal
+    nb = {k: v for k, v in b.items() if k != "labels"}
+    if arch in ("t5", "bart"):
+        nb["decoder_input_ids"] = b["labels"].clamp(min=0)
+    torch.testing.assert_close(model(**nb).logits, stock(**nb).logits, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_tuple_output(arch):
+    stock, model = pair(arch)
+    b = batch(arch, stock)
+    ref = stock(**b, return_dict=False)
+    out = model(**b, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], ref[0], **tol(arch))
+    assert not any(type(o).__name__ == "LazyLogits" for o in out)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
+def test_num_items_in_batch(arch):
+    stock, model = pair(arch)
+    b = batch(arch, stock)
+    n = torch.tensor(23)
+    ref = stock(**b, num_items_in_batch=n)
+    out = model(**b, num_items_in_batch=n)
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), **tol(arch))
+    plain = model(**b).loss
+    valid = (b["labels"][:, 1:] != -100).sum()
+    torch.testing.assert_close(out.loss * 23, plain * valid, **tol(arch))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_logits_to_keep(arch):
+    stock, model = pair(arch)
+    ids = batch(arch, stock)["input_ids"]
+    ref = stock(input_ids=ids, logits_to_keep=1).logits
+    out = model(input_ids=ids, logits_to_keep=1).logits
+    assert out.shape == ref.shape == (2, 1, stock.config.vocab_size)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_gemma2_softcap_is_applied():
+    stock, model = pair("gemma2")
+    ids = batch("gemma2", stock)["input_ids"]
+    logits = model(input_ids=ids).logits
+    assert logits.abs().max() <= 0.5
+    b = batch("gemma2", stock)
+    nocap = copy.deepcopy(stock)
+    nocap.config.final_logit_softcapping = None
+    assert abs(nocap(**b).loss.item() - stock(**b).loss.item()) > 1e-3  # the cap matters here
+    torch.testing.assert_close(model(**b).loss.double(), stock(**b).loss.double(), **tol("gemma2"))
+
+
+def test_untied_config_is_refused():
+    model = build("llama", tie_word_embeddings=False)
+    model = type(model)(model.config)  # built untied
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="tie_word_embeddings=False"):
+        tkhf.patch(model)
+    assert not tkhf.is_patched(model)
+    w = model.model.embed_tokens.weight
+    tkhf.patch(model, force_tie=True)
+    assert model.lm_head.weight is w and model.config.tie_word_embeddings
+    if V5:
+        assert model.all_tied_weights_keys == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+@pytest.mark.skipif(V5, reason="config.torchscript clones the tied weight on transformers v4 only")
+def test_torchscript_refused_on_v4():
+    model = build("gpt2", torchscript=True)
+    with pytest.raises(ValueError, match="torchscript"):
+        tkhf.patch(model)
+
+
+def test_gradient_accumulation_and_tied_gradient_sum():
+    """Two micro-batches accumulate into .grad exactly as stock does (embedding + head gradient)."""
+    stock, model = pair("gpt2")
+    for seed in (1, 2):
+        b = batch("gpt2", stock, seed=seed)
+        stock(**b).loss.backward()
+        model(**b).loss.backward()
+    torch.testing.assert_close(tied_param(model).grad, tied_param(stock).grad, **tol("gpt2"))
+
+
+def test_materializing_fallback_is_exact_and_warns():
+    """An operation LazyLogits does not know builds the logits exactly (one warning)."""
+    from tiedkernels.hf._lazy import LazyLogits
+
+    _, model = pair("gpt2")
+    h = torch.randn(3, 32, dtype=torch.float64)
+    out = model.get_output_embeddings()
+    lazy = LazyLogits(h, out)
+    real = out.real_forward(h)
+    with pytest.warns(UserWarning, match="builds the full logits"):
+        got = torch.softmax(lazy, -1)
+    torch.testing.assert_close(got, torch.softmax(real, -1), atol=0, rtol=0)

@@ -1,0 +1,217 @@
+"""``patch`` / ``unpatch``: put one ``TiedEmbeddingHead`` into a transformers model in place."""
+
+import inspect
+import types
+
+import torch
+from torch import nn
+
+from ._lazy import LazyLogits
+from ._modules import HFTiedEmbedding, HFTiedOutput
+
+_STATE = "_tiedkernels_hf"
+
+
+def transformers_major():
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+class _PatchState:
+    def __init__(self, orig_in, orig_out, fused_loss, return_logits, labels_pos):
+        self.orig_in = orig_in
+        self.orig_out = orig_out
+        self.fused_loss = fused_loss
+        self.return_logits = return_logits
+        self.labels_pos = labels_pos
+        self.stack = []
+
+
+def is_patched(model):
+    return _STATE in model.__dict__
+
+
+def _text_configs(config):
+    """The config and every sub-config that carries ``tie_word_embeddings`` for the text model."""
+    seen, out = set(), []
+    for c in (config, _get_text_config(config, False), _get_text_config(config, True)):
+        if c is not None and id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
+
+
+def _get_text_config(config, decoder):
+    try:
+        return config.get_text_config(decoder=decoder)
+    except (AttributeError, TypeError):
+        return None
+
+
+def _wants_tie(config):
+    return all(getattr(c, "tie_word_embeddings", True) is not False for c in _text_configs(config))
+
+
+def _replace_everywhere(model, old, new):
+    """Re-point every registration of module ``old`` (e.g. T5/BART ``embed_tokens``) to ``new``."""
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, name, new)
+
+
+def _install(model, inp, out):
+    old_in, old_out = model.get_input_embeddings(), model.get_output_embeddings()
+    model.set_input_embeddings(inp)
+    model.set_output_embeddings(out)
+    _replace_everywhere(model, old_in, inp)
+    if old_out is not None:
+        _replace_everywhere(model, old_out, out)
+
+
+def _tie(model):
+    model.tie_weights()
+    if transformers_major() >= 5:
+        # post_init computed this once; a model that started untied (or was re-tied) keeps a stale
+        # mapping otherwise, which breaks device_map grouping and save/load symmetry.
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+
+
+def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_tie=False):
+    """Swap one ``TiedEmbeddingHead`` into ``model`` (a transformers ``PreTrainedModel``) in place.
+
+    The input embedding becomes the head, the output embedding (``lm_head``, BERT's decoder) its
+    ``output_embeddings``; both keep the model's own ``Parameter`` (and BERT's bias ``Parameter``),
+    so parameter count, state-dict keys and checkpoints do not change. With ``fused_loss`` a
+    forward that gets ``labels`` computes the loss with the fused projection + cross-entropy and
+    returns ``logits=None`` (pass ``return_logits=True`` to ``patch`` or to one forward call to get
+    the logits and the stock loss instead). Idempotent: patching again only updates the options.
+
+    A model whose config does not tie its word embeddings is refused, unless ``force_tie=True``
+    (for training from scratch: the output side then uses the input embedding's weight, as
+    ``tie_word_embeddings=True`` would have done at construction).
+    """
+    if is_patched(model):
+        st = model.__dict__[_STATE]
+        st.fused_loss, st.return_logits = fused_loss, return_logits
+        model.get_input_embeddings().backend = backend
+        _tie(model)
+        _check_tied(model)
+        return model
+    config = model.config
+    major = transformers_major()
+    if major < 5 and getattr(config, "torchscript", False):
+        raise ValueError("tiedkernels.hf.patch: config.torchscript=True makes transformers v4 clone the tied weight "
+                         "instead of sharing it; a TorchScript model cannot be patched")
+    if not _wants_tie(config):
+        if not force_tie:
+            raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__} has tie_word_embeddings=False in its "
+                             "config: its input and output embeddings are separate weights, so there is nothing "
+                             "to tie. Pass force_tie=True to tie them (training from scratch: the output side "
+                             "takes the input embedding's weight)")
+        for c in _text_configs(config):
+            if hasattr(c, "tie_word_embeddings") or c is config:
+                c.tie_word_embeddings = True
+    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings()
+    if out is None:
+        raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__} has no output embeddings to tie "
+                         "(use a model with a language-modeling head)")
+    if not isinstance(inp, nn.Embedding) or type(out) is not nn.Linear and not isinstance(out, nn.Linear):
+        raise TypeError(f"tiedkernels.hf.patch: expected an nn.Embedding and an nn.Linear, got "
+                        f"{type(inp).__name__} and {type(out).__name__} (is the model already wrapped, e.g. by PEFT? "
+                        "patch the base model, or patch again after merge_and_unload)")
+    if out.weight is not inp.weight:
+        model.tie_weights()
+        out = model.get_output_embeddings()
+        if out.weight is not inp.weight:
+            raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__}'s output weight is not its input "
+                             "embedding weight even after tie_weights()")
+    head = HFTiedEmbedding.from_hf(inp, out, backend=backend)
+    for c in _text_configs(config):
+        if hasattr(c, "tie_word_embeddings"):
+            c.tie_word_embeddings = True
+    try:
+        labels_pos = list(inspect.signature(type(model).forward).parameters).index("labels") - 1
+    except (ValueError, TypeError):
+        labels_pos = None
+    st = _PatchState(inp, out, fused_loss, return_logits, labels_pos)
+    _install(model, head, head.output_embeddings)
+    model.__dict__[_STATE] = st
+    model.forward = types.MethodType(_patched_forward, model)
+    _tie(model)
+    _check_tied(model)
+    return model
+
+
+def _check_tied(model):
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(inp, HFTiedEmbedding) or out is not inp.output_embeddings or out.weight is not inp.weight:
+        raise RuntimeError("tiedkernels.hf.patch: the model did not keep the tied head in place "
+                           f"(input {type(inp).__name__}, output {type(out).__name__})")
+
+
+def unpatch(model):
+    """Put stock modules back (the ones ``patch`` replaced, holding the current weight). Idempotent."""
+    st = model.__dict__.get(_STATE)
+    if st is None:
+        return model
+    head = model.get_input_embeddings()
+    out_now = model.get_output_embeddings()
+    w = head.weight
+    inp, out = st.orig_in, st.orig_out
+    inp.weight = w
+    inp.num_embeddings = w.shape[0]
+    inp.padding_idx = head.padding_idx
+    for name, buf in head._buffers.items():
+        if name in inp._buffers:
+            inp._buffers[name] = buf
+    out.weight = w
+    out.out_features, out.in_features = w.shape
+    bias = getattr(out_now, "bias", None) if isinstance(out_now, HFTiedOutput) else head.output_embeddings.bias
+    if "bias" in out._parameters:
+        out.bias = bias
+    _install(model, inp, out)
+    model.__dict__.pop("forward", None)
+    del model.__dict__[_STATE]
+    _tie(model)
+    return model
+
+
+def _strip_lazy(output):
+    if output is None:
+        return output
+    if isinstance(output, tuple):
+        return type(output)(None if isinstance(o, LazyLogits) else o for o in output) \
+            if type(output) is tuple else output
+    try:
+        keys = list(output.keys())
+    except AttributeError:
+        return output
+    if any(isinstance(output[k], LazyLogits) for k in keys):
+        cls = type(output)
+        return cls(**{k: output[k] for k in keys if not isinstance(output[k], LazyLogits)})
+    return output
+
+
+def _patched_forward(self, *args, **kwargs):
+    st = self.__dict__[_STATE]
+    rl = kwargs.pop("return_logits", None)
+    rl = st.return_logits if rl is None else rl
+    labels = kwargs.get("labels")
+    if labels is None and st.labels_pos is not None and len(args) > st.labels_pos:
+        labels = args[st.labels_pos]
+    lazy = st.fused_loss and labels is not None and not rl
+    out_mod = self.get_output_embeddings()
+    if not isinstance(out_mod, HFTiedOutput):
+        lazy = False
+    if not lazy:
+        return type(self).forward(self, *args, **kwargs)
+    prev = out_mod.__dict__.get("lazy", False)
+    out_mod.__dict__["lazy"] = True
+    try:
+        output = type(self).forward(self, *args, **kwargs)
+    finally:
+        out_mod.__dict__["lazy"] = prev
+    return _strip_lazy(output)
