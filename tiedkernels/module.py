@@ -20,6 +20,15 @@ class TiedEmbeddingHead(nn.Embedding):
     ``logit_scale`` and ``softcap`` (attributes) are the defaults of ``logits``/``loss``.
     """
 
+    def __new__(cls, *args, process_group=None, device_mesh=None, **kwargs):
+        # A tensor-parallel group, a mesh or a Shard(0) DTensor weight: the vocabulary-parallel variant.
+        if process_group is not None or device_mesh is not None or type(kwargs.get("_weight")).__name__ == "DTensor":
+            from .distributed import VocabParallelTiedEmbeddingHead
+
+            if not issubclass(cls, VocabParallelTiedEmbeddingHead):
+                cls = VocabParallelTiedEmbeddingHead
+        return super().__new__(cls)
+
     def __init__(self, num_embeddings, embedding_dim, *, padding_idx=None, bias=False, device=None, dtype=None,
                  backend="auto", logit_scale=1.0, softcap=None, _weight=None, _freeze=False):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype,
