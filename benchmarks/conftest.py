@@ -12,9 +12,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         return
     groups = {}
     for bench in session.benchmarks:
-        if not bench.stats or not bench.stats.stats.data:
+        stats = getattr(bench.stats, "stats", bench.stats)  # Metadata wraps Stats in some versions
+        if not stats or not getattr(stats, "data", None):
             continue
-        groups.setdefault(bench.group, {})[bench.extra_info.get("provider", bench.name)] = bench.stats.stats.median
+        groups.setdefault(bench.group, {})[bench.extra_info.get("provider", bench.name)] = stats.median
     tr = terminalreporter
     tr.section("medians and ratios (same run)")
     for group, rows in sorted(groups.items(), key=lambda kv: str(kv[0])):
