@@ -52,7 +52,10 @@ class HFTiedOutput(TiedOutputEmbedding):
         return super().forward(hidden)
 
     def forward(self, hidden, **opts):
-        if self.__dict__.get("lazy") and not opts and isinstance(hidden, torch.Tensor) \
+        # Under torch.compile the tensor subclass cannot be traced: the compiled graph computes the
+        # logits and the stock loss (exact; the memory saving is an eager-mode feature).
+        if self.__dict__.get("lazy") and not opts and not torch.compiler.is_compiling() \
+                and isinstance(hidden, torch.Tensor) \
                 and hidden.shape[-1] == self.weight.shape[1] and hidden.dtype == self.weight.dtype:
             return LazyLogits(hidden, self)
         return super().forward(hidden, **opts)
