@@ -68,6 +68,7 @@ LOSS_CASES = [
                     return_lse=True, chunk_size=5)),
     (1, True, dict(reduction="sum", shift=True, z_loss=1e-3, logit_scale=1.3)),  # default chunk size
     (4, False, dict(reduction="mean", all_ignored=True, label_smoothing=0.1, chunk_size=5)),
+    (4, True, dict(reduction="mean", vocab=3, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)),  # rank 1: all padding
 ]
 
 
@@ -84,11 +85,12 @@ def check_loss(rank, group):
         chunk = opts.pop("chunk_size", None)
         ii = opts.get("ignore_index", -100)
         all_ignored = opts.pop("all_ignored", False)
+        vocab = opts.pop("vocab", V)
         g = torch.Generator().manual_seed(100 + i)
-        w = torch.randn(V, D, dtype=torch.float64, generator=g)
-        b = torch.randn(V, dtype=torch.float64, generator=g) if use_bias else None
+        w = torch.randn(vocab, D, dtype=torch.float64, generator=g)
+        b = torch.randn(vocab, dtype=torch.float64, generator=g) if use_bias else None
         h = torch.randn(B, T, D, dtype=torch.float64, generator=g)
-        y = _labels((B, T), V, ii, gen=g)
+        y = _labels((B, T), vocab, ii, gen=g)
         if all_ignored:
             y = torch.full_like(y, ii)
         if ii == 7:
@@ -110,7 +112,7 @@ def check_loss(rank, group):
             hl = h.chunk(WORLD, dim=1)[rank].clone().requires_grad_()
         else:
             hl = h.clone().requires_grad_()
-        out = vocab_parallel_linear_cross_entropy(hl, ws, y, vocab_start=start, vocab_size=V, process_group=group,
+        out = vocab_parallel_linear_cross_entropy(hl, ws, y, vocab_start=start, vocab_size=vocab, process_group=group,
                                                   bias=bs, sequence_parallel=sp, chunk_size=chunk, **opts)
         loss, lse = out if opts.get("return_lse") else (out, None)
         _close(loss, ref_loss.detach(), f"{what} loss")
