@@ -510,9 +510,62 @@ def check_hf_fsdp2(rank, group):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def check_bf16_and_empty(rank, group):
+    """bf16: the vocabulary-parallel loss and gradients are as close to the fp64 truth as the
+    single-device bf16 op is (dh is summed across ranks in fp32). N == 0: loss 0, empty dh."""
+    import tiedkernels
+    from tiedkernels import reference
+    from tiedkernels.distributed import vocab_parallel_linear_cross_entropy
+
+    g = torch.Generator().manual_seed(71)
+    v, n = 203, 64
+    w = torch.randn(v, 32, dtype=torch.float64, generator=g) * 0.3
+    h = torch.randn(n, 32, dtype=torch.float64, generator=g)
+    y = _labels((n,), v, gen=g)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3)
+    wr, hr = w.clone().requires_grad_(), h.clone().requires_grad_()
+    ref = reference.linear_cross_entropy(hr, wr, y, **opts)
+    ref.backward()
+
+    wb, hb = w.bfloat16().requires_grad_(), h.bfloat16().requires_grad_()
+    single = tiedkernels.linear_cross_entropy(hb, wb, y, chunk_size=16, **opts)
+    single.backward()
+    ws, start, stop = _padded_shard(w.bfloat16(), rank, 8)
+    ws.requires_grad_()
+    hv = h.bfloat16().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(hv, ws, y, vocab_start=start, vocab_size=v, process_group=group,
+                                               chunk_size=16, **opts)
+    assert loss.dtype == torch.float32 and hv.grad is None
+    loss.backward()
+    assert hv.grad.dtype == torch.bfloat16 and ws.grad.dtype == torch.bfloat16
+
+    def err(a, b):
+        return ((a.double() - b).abs().max() / b.abs().max()).item()
+
+    for what, mine, theirs, truth in (("loss", loss.detach(), single.detach(), ref.detach()),
+                                      ("dh", hv.grad, hb.grad, hr.grad),
+                                      ("dW", ws.grad[: stop - start], wb.grad[start:stop], wr.grad[start:stop])):
+        e_mine, e_single = err(mine, truth), err(theirs, truth)
+        assert e_mine <= 2 * e_single + 1e-6, f"bf16 {what}: error {e_mine:.2e} vs single-device {e_single:.2e}"
+        assert e_mine < 2e-2, f"bf16 {what}: error {e_mine:.2e}"
+
+    he = torch.zeros(0, 32, dtype=torch.float64, requires_grad=True)
+    wse, start, _ = _padded_shard(w, rank)
+    wse.requires_grad_()
+    for reduction in ("mean", "sum", "none"):
+        out = vocab_parallel_linear_cross_entropy(he, wse, torch.zeros(0, dtype=torch.long), vocab_start=start,
+                                                  vocab_size=v, process_group=group, reduction=reduction)
+        assert out.shape == ((0,) if reduction == "none" else ()), out.shape
+        out.sum().backward()
+        assert he.grad.shape == (0, 32) and torch.count_nonzero(wse.grad) == 0
+        if reduction != "none":
+            assert out.item() == 0
+
+
 CHECKS = [
     check_loss,
     check_loss_no_group_and_partial_dh,
+    check_bf16_and_empty,
     check_embedding,
     check_module,
     check_state_dict,
