@@ -93,12 +93,18 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     ``tie_word_embeddings=True`` would have done at construction).
     """
     if is_patched(model):
-        st = model.__dict__[_STATE]
-        st.fused_loss, st.return_logits = fused_loss, return_logits
-        model.get_input_embeddings().backend = backend
-        _tie(model)
-        _check_tied(model)
-        return model
+        inp = model.get_input_embeddings()
+        if isinstance(inp, HFTiedEmbedding) and model.get_output_embeddings() is inp.output_embeddings:
+            st = model.__dict__[_STATE]
+            st.fused_loss, st.return_logits = fused_loss, return_logits
+            inp.backend = backend
+            _tie(model)
+            _check_tied(model)
+            return model
+        # Something replaced the modules since (e.g. PEFT's merge_and_unload after
+        # modules_to_save=["lm_head"] leaves plain modules): patch what is there now.
+        model.__dict__.pop("forward", None)
+        del model.__dict__[_STATE]
     config = model.config
     major = transformers_major()
     if major < 5 and getattr(config, "torchscript", False):
