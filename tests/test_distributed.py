@@ -562,6 +562,46 @@ def check_bf16_and_empty(rank, group):
             assert out.item() == 0
 
 
+def check_fsdp2_vocab_parallel(rank, group):
+    """The vocabulary-parallel head inside FSDP2 on a (dp, tp) mesh, both ways round on 2 ranks:
+    dp=2 x tp=1 (FSDP2 shards the head's rows over 2 ranks) and dp=1 x tp=2 (each rank's shard of a
+    2-way vocabulary-parallel head in its own FSDP2 group): the single-process gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from tiedkernels import TiedEmbeddingHead
+    from tiedkernels.distributed import fully_shard_tied
+
+    g = torch.Generator().manual_seed(81)
+    w = torch.randn(V, D, dtype=torch.float64, generator=g)
+    ids = torch.randint(0, V, (4, 6), generator=g)
+    y = torch.randint(0, V, (4, 6), generator=g)
+    torch.manual_seed(9)
+    body = _Body(D, torch.float64)
+    ref_loss, ref_dw, ref_body = _reference_step(w, body, ids, y, label_smoothing=0.1)
+    for shape in ((2, 1), (1, 2)):
+        what = f"FSDP2 x vocabulary parallel, (dp, tp)={shape}"
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+        head = TiedEmbeddingHead(V, D, device_mesh=mesh["tp"], _weight=w, dtype=torch.float64, pad_to_multiple_of=2)
+        model = _Tiny(head, D)
+        model.body.load_state_dict(body.state_dict())
+        fully_shard_tied(model.head, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        dp = mesh["dp"].get_local_rank()
+        mine = slice(dp * 4 // shape[0], (dp + 1) * 4 // shape[0])
+        loss = model(ids[mine], y[mine])
+        loss.backward()
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=mesh["dp"].get_group())
+        _close(total / shape[0], ref_loss, f"{what}: loss")
+        dw = model.head.weight.grad.full_tensor()  # this tp rank's padded shard, gathered over dp
+        start, stop = head.vocab_start, head.vocab_stop
+        _close(dw[: stop - start], ref_dw[start:stop], f"{what}: dW shard")
+        assert torch.count_nonzero(dw[stop - start:]) == 0, f"{what}: padding rows got a gradient"
+        for p, r in zip(model.body.parameters(), ref_body):
+            _close(p.grad.full_tensor(), r, f"{what}: body grad")
+
+
 CHECKS = [
     check_loss,
     check_loss_no_group_and_partial_dh,
@@ -571,6 +611,7 @@ CHECKS = [
     check_state_dict,
     check_dtensor,
     check_fsdp2,
+    check_fsdp2_vocab_parallel,
     check_pipeline_tie,
     check_hf_fsdp2,
 ]
