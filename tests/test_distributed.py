@@ -345,6 +345,22 @@ def check_dtensor(rank, group):
     _close(hl.grad, hr.grad, "DTensor: dh")
     _close(dt.grad.full_tensor(), wr.grad, "DTensor: dW")
 
+    # V = 1: DTensor gives rank 1 an empty [0, D] shard
+    w1 = torch.randn(1, D, dtype=torch.float64, generator=g)
+    ids1 = torch.zeros(8, dtype=torch.long)
+    wr1, hr1 = w1.clone().requires_grad_(), h.clone().requires_grad_()
+    ref1 = reference.linear_cross_entropy(hr1, wr1, ids1, z_loss=0.1) + (F.embedding(ids1, wr1) * gout).sum()
+    ref1.backward()
+    dt1 = distribute_tensor(w1.clone(), mesh, [Shard(0)]).requires_grad_()
+    assert dt1.to_local().shape[0] == (1 if rank == 0 else 0)
+    hl1 = h.clone().requires_grad_()
+    out1 = vocab_parallel_linear_cross_entropy(hl1, dt1, ids1, z_loss=0.1) + (vocab_parallel_embedding(ids1, dt1)
+                                                                              * gout).sum()
+    _close(out1, ref1.detach(), "DTensor V=1: loss")
+    out1.backward()
+    _close(hl1.grad, hr1.grad, "DTensor V=1: dh")
+    _close(dt1.grad.full_tensor(), wr1.grad, "DTensor V=1: dW")
+
     for kw in (dict(device_mesh=mesh["tp"], _weight=w), dict(_weight=distribute_tensor(w.clone(), mesh, [Shard(0)]))):
         head = TiedEmbeddingHead(V, D, dtype=torch.float64, **kw)
         h2 = h.clone().requires_grad_()

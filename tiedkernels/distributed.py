@@ -239,6 +239,8 @@ def _local_embed(ids, weight, vocab_start, valid, padding_idx, backend, tie):
     pad = None
     if padding_idx is not None and vocab_start <= padding_idx < vocab_start + valid:
         pad = padding_idx - vocab_start
+    if weight.shape[0] == 0:  # an empty shard: nothing of ours to look up
+        return weight.new_zeros((*ids.shape, weight.shape[1]))
     b = backends.resolve(backend, weight.device)
     if tie and _tie.usable(weight):
         out = _tie.embed(weight, local, pad, b)
@@ -321,8 +323,12 @@ class _VocabParallelLCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, cfg):
         (ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk) = cfg.opts
-        stats = cfg.op_stats(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start,
-                             vocab_total, chunk)
+        if weight.shape[0] == 0:  # an empty shard (DTensor's last ranks when P does not divide V)
+            stats = hidden.new_zeros((3, hidden.shape[0]), dtype=_reduce_dtype(hidden.dtype))
+            stats[0] = float("-inf")
+        else:
+            stats = cfg.op_stats(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start,
+                                 vocab_total, chunk)
         eps = cfg.eps
         # The loss is lse·(1 + λ·lse) - [(1-ε)·z_y + (ε/V)·Σ_j z_j]: the bracket is a sum over
         # shards, lse a logsumexp over shards, so one [2, N] pair per rank is all that travels.
@@ -356,8 +362,12 @@ class _VocabParallelLCE(torch.autograd.Function):
         cfg = ctx.cfg
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         (ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk) = cfg.opts
-        dh, dw, db = cfg.op_bwd(g_tok.contiguous(), hidden, weight, bias, labels, lse, ignore_index, cfg.eps,
-                                cfg.z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk, *want)
+        if weight.shape[0] == 0:
+            dh, dw = torch.zeros_like(hidden), torch.zeros_like(weight)
+            db = torch.zeros_like(bias) if bias is not None else None
+        else:
+            dh, dw, db = cfg.op_bwd(g_tok.contiguous(), hidden, weight, bias, labels, lse, ignore_index, cfg.eps,
+                                    cfg.z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk, *want)
         if want[0] and cfg.reduce_dh and _world(cfg.group) > 1:
             # Megatron's lesson: sum the ranks' partial dh in fp32, not in bf16.
             acc = dh.to(_reduce_dtype(dh.dtype))
