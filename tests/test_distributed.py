@@ -616,6 +616,12 @@ def check_fsdp2_vocab_parallel(rank, group):
         assert torch.count_nonzero(dw[stop - start:]) == 0, f"{what}: padding rows got a gradient"
         for p, r in zip(model.body.parameters(), ref_body):
             _close(p.grad.full_tensor(), r, f"{what}: body grad")
+        sd = model.state_dict()  # the full [V, D] weight, from FSDP2's and our sharding both
+        _close(sd["head.weight"], w, f"{what}: state dict")
+        with torch.no_grad():
+            model.head.weight.zero_()
+        model.load_state_dict(sd)
+        _close(model.head.full_tensor(), w, f"{what}: loaded back")
 
 
 CHECKS = [

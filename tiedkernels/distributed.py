@@ -314,7 +314,7 @@ def vocab_parallel_embedding(ids, weight_shard, *, vocab_start=None, vocab_size=
 
 
 class _Config:
-    __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size", "ignore_index")
+    __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size")
 
 
 class _VocabParallelLCE(torch.autograd.Function):
@@ -324,6 +324,9 @@ class _VocabParallelLCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, cfg):
         (ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk) = cfg.opts
         if weight.shape[0] == 0:  # an empty shard (DTensor's last ranks when P does not divide V)
+            from ._torch_backend import check_index_range
+
+            check_index_range(labels, vocab_total, "label", ignore_index)  # as the other ranks' kernels do
             stats = hidden.new_zeros((3, hidden.shape[0]), dtype=_reduce_dtype(hidden.dtype))
             stats[0] = float("-inf")
         else:
@@ -611,6 +614,8 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
     def full_tensor(self, name="weight"):
         """The full ``[V, ...]`` tensor of parameter ``name`` (a collective)."""
         t = getattr(self, name).detach()
+        if _is_dtensor(t):  # under FSDP2: first this rank's vocabulary shard, whole
+            t = t.full_tensor()
         if self.world_size > 1:
             t = _gather_dim(t.contiguous(), 0, self.process_group)
         return t[: self.num_embeddings]
@@ -644,7 +649,12 @@ def _shard_state_dict_hook(module, state_dict, prefix, local_metadata, strict, m
         t = state_dict[key]
         full = (module.num_embeddings, *param.shape[1:])
         if tuple(t.shape) == full or _is_dtensor(t):
-            state_dict[key] = module._local_rows(t, full, param.device, param.dtype)
+            local = module._local_rows(t, full, param.device, param.dtype)
+            if _is_dtensor(param):  # under FSDP2: shard our rows as the parameter is sharded
+                from torch.distributed.tensor import distribute_tensor
+
+                local = distribute_tensor(local, param.device_mesh, param.placements)
+            state_dict[key] = local
 
 
 class _VocabParallelOutputEmbedding(TiedOutputEmbedding):
