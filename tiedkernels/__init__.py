@@ -4,6 +4,7 @@ from . import _ext
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd of every backend)
 from .functional import embedding, linear_cross_entropy, logits
 from .module import TiedEmbeddingHead, TiedOutputEmbedding
+def inspect_ties(model, **kw): from .hf import inspect_ties as f; return f(model, **kw)  # noqa: E302,E704 (lazy)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,90 @@
+"""inspect_ties and `python -m tiedkernels inspect PATH`."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import save_file  # noqa: E402
+
+import tiedkernels  # noqa: E402
+import tiedkernels.hf as tkhf  # noqa: E402
+from tiedkernels.hf._testing import ARCHS, build  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "tiedkernels", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_report_of_patched_model(arch, capsys):
+    model = tkhf.patch(build(arch))
+    r = tiedkernels.inspect_ties(model)  # top-level, lazy
+    assert r.ok and r.declared
+    w = model.get_input_embeddings().weight
+    names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is w]
+    group = next(g for g in r.groups if names[0] in g)
+    assert sorted(group) == sorted(names)
+    extra = 0
+    if arch == "bert":  # the decoder bias is the very cls.predictions.bias
+        assert ["cls.predictions.bias", "cls.predictions.decoder.bias"] in r.groups
+        extra = w.shape[0] * 8
+    assert r.bytes_saved == (len(names) - 1) * w.numel() * 8 + extra
+    out = capsys.readouterr().out
+    assert "broken ties: none" in out and " = ".join(group) in out
+
+
+def test_broken_ties_are_reported():
+    model = build("llama", tie_word_embeddings=False)
+    model = type(model)(model.config)
+    model.config.tie_word_embeddings = True  # declares a tie the weights do not have
+    r = tkhf.inspect_ties(model, verbose=False)
+    assert r.broken == [("lm_head.weight", "model.embed_tokens.weight", "different tensors")]
+    assert r.bytes_saved == 0 and not r.groups
+
+
+def test_to_empty_untie_and_retie_are_visible():
+    stock = build("gpt2")
+    with torch.device("meta"):
+        model = type(stock)(copy.deepcopy(stock.config))
+    tkhf.patch(model)
+    assert tkhf.inspect_ties(model, verbose=False).ok  # meta tensors are grouped by identity
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.transformer.wte.weight)
+    r = tkhf.inspect_ties(model, verbose=False)
+    assert len(r.broken) == 1 and "equal values, separate copies" in r.broken[0][2]
+    model.tie_weights()
+    assert tkhf.inspect_ties(model, verbose=False).ok
+
+
+def test_cli_on_saved_patched_model(tmp_path):
+    model = tkhf.patch(build("t5"))
+    model.save_pretrained(tmp_path)
+    res = run_cli("inspect", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert "shared.weight = encoder.embed_tokens.weight = decoder.embed_tokens.weight = lm_head.weight" in res.stdout
+    assert "stored once as shared.weight" in res.stdout
+    v, d = model.shared.weight.shape
+    assert f"bytes saved by tying: {3 * v * d * 8:,}" in res.stdout  # float64 checkpoint
+
+
+def test_cli_flags_a_checkpoint_with_two_different_copies(tmp_path):
+    model = build("gpt2")
+    model.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd["lm_head.weight"] = model.lm_head.weight.detach().clone() + 1
+    os.remove(tmp_path / "model.safetensors")
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert json.loads((tmp_path / "config.json").read_text()).get("tie_word_embeddings", True)
+    res = run_cli("inspect", str(tmp_path))
+    assert res.returncode == 1
+    assert "stored 2 times" in res.stdout and "different values" in res.stdout
