@@ -510,7 +510,9 @@ def check_hf_fsdp2(rank, group):
     fully_shard(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     mine = slice(2 * rank, 2 * rank + 2)  # equal token counts: the mean of the ranks' means is the mean
-    loss = model(input_ids=ids[mine], labels=ids[mine]).loss
+    out = model(input_ids=ids[mine], labels=ids[mine])
+    assert out.logits is None, "the patched model did not take the fused loss path"
+    loss = out.loss
     loss.backward()
     both = loss.detach().clone()
     dist.all_reduce(both, group=group)
@@ -624,6 +626,39 @@ def check_fsdp2_vocab_parallel(rank, group):
         _close(model.head.full_tensor(), w, f"{what}: loaded back")
 
 
+def _raises(exc, fn, *words):
+    try:
+        fn()
+    except exc as e:
+        for w in words:
+            assert w in str(e), f"{exc.__name__} without {w!r}: {e}"
+        return
+    raise AssertionError(f"expected {exc.__name__}")
+
+
+def check_errors(rank, group):
+    """Mistakes raise the same clear error on every rank, before any collective (no hang)."""
+    from tiedkernels import TiedEmbeddingHead
+    from tiedkernels.distributed import vocab_parallel_linear_cross_entropy as vp_lce
+
+    assert type(TiedEmbeddingHead(V, D)) is TiedEmbeddingHead  # no group: the single-device module
+    ws, start, _ = _padded_shard(torch.randn(V, D), rank)
+    h, y = torch.randn(4, 2, D), torch.randint(0, V, (4, 2))
+    _raises(ValueError, lambda: vp_lce(h, ws, y, vocab_size=V, process_group=group), "vocab_start")
+    _raises(ValueError, lambda: vp_lce(h, ws, y, vocab_start=start, process_group=group), "vocab_size")
+    _raises(ValueError, lambda: vp_lce(h.chunk(2, 1)[rank], ws, y, vocab_start=start, vocab_size=V,
+                                       process_group=group, sequence_parallel=True, reduce_grad_input=False),
+            "reduce_grad_input")
+    bad = y.clone()
+    bad[2, 1] = V + 3
+    _raises(IndexError, lambda: vp_lce(h, ws, bad, vocab_start=start, vocab_size=V, process_group=group), str(V + 3))
+    # sequence parallel given the full hidden states instead of this rank's slice
+    _raises(ValueError, lambda: vp_lce(h, ws, y, vocab_start=start, vocab_size=V, process_group=group,
+                                       sequence_parallel=True), "labels", "gathering")
+    head = TiedEmbeddingHead(V, D, process_group=group)
+    _raises(IndexError, lambda: head(torch.tensor([1, -1])), "-1")
+
+
 CHECKS = [
     check_loss,
     check_loss_no_group_and_partial_dh,
@@ -635,6 +670,7 @@ CHECKS = [
     check_fsdp2,
     check_fsdp2_vocab_parallel,
     check_pipeline_tie,
+    check_errors,
     check_hf_fsdp2,
 ]
 
