@@ -73,14 +73,17 @@ LOSS_CASES = [
 
 
 def check_loss(rank, group):
-    """Loss, lse, dh, each rank's dW and db shard against the fp64 single-process reference."""
-    from tiedkernels import reference
+    """Loss, lse, dh, each rank's dW and db shard against the fp64 single-process reference,
+    on every CPU backend (the compiled kernels, and the pure-torch fallback)."""
+    from tiedkernels import backends, reference
     from tiedkernels.distributed import vocab_parallel_linear_cross_entropy
 
+    names = [b for b in ("cpu", "torch") if backends.why_not(b, "cpu") is None]
+    assert "torch" in names
     B, T = 2, 6
-    for i, (m, sp, opts) in enumerate(LOSS_CASES):
+    for i, (backend, (m, sp, opts)) in enumerate((b, c) for b in names for c in LOSS_CASES):
         opts = dict(opts)
-        what = f"case {i} (m={m}, sp={sp}, {opts})"
+        what = f"{backend} case {i % len(LOSS_CASES)} (m={m}, sp={sp}, {opts})"
         use_bias = opts.pop("bias", False)
         chunk = opts.pop("chunk_size", None)
         ii = opts.get("ignore_index", -100)
@@ -113,7 +116,7 @@ def check_loss(rank, group):
         else:
             hl = h.clone().requires_grad_()
         out = vocab_parallel_linear_cross_entropy(hl, ws, y, vocab_start=start, vocab_size=vocab, process_group=group,
-                                                  bias=bs, sequence_parallel=sp, chunk_size=chunk, **opts)
+                                                  bias=bs, sequence_parallel=sp, chunk_size=chunk, backend=backend, **opts)
         loss, lse = out if opts.get("return_lse") else (out, None)
         _close(loss, ref_loss.detach(), f"{what} loss")
         if lse is not None:
