@@ -115,8 +115,9 @@ def check_loss(rank, group):
             hl = h.chunk(WORLD, dim=1)[rank].clone().requires_grad_()
         else:
             hl = h.clone().requires_grad_()
-        out = vocab_parallel_linear_cross_entropy(hl, ws, y, vocab_start=start, vocab_size=vocab, process_group=group,
-                                                  bias=bs, sequence_parallel=sp, chunk_size=chunk, backend=backend, **opts)
+        out = vocab_parallel_linear_cross_entropy(hl, ws, y, vocab_start=start, vocab_size=vocab,
+                                                  process_group=group, bias=bs, sequence_parallel=sp,
+                                                  chunk_size=chunk, backend=backend, **opts)
         loss, lse = out if opts.get("return_lse") else (out, None)
         _close(loss, ref_loss.detach(), f"{what} loss")
         if lse is not None:
@@ -446,7 +447,8 @@ def check_pipeline_tie(rank, group):
         p.grad = None
 
     # two stages; stage 1 starts from a different weight: the broadcast fixes it
-    head = TiedEmbeddingHead(V, D, dtype=torch.float64, _weight=w.clone() if rank == 0 else torch.zeros(V, D, dtype=torch.float64))
+    start_w = w.clone() if rank == 0 else torch.zeros(V, D, dtype=torch.float64)
+    head = TiedEmbeddingHead(V, D, dtype=torch.float64, _weight=start_w)
     tie_group = dist.new_group([0, 1], backend="gloo")
     tie = PipelineTie(head.weight, tie_group, src=0)
     tie.broadcast_weight()

@@ -749,16 +749,16 @@ def grad_norm(parameters, *, ties=(), process_group=None, norm_type=2.0):
     """The total gradient norm of a model spread over ``process_group`` (e.g. the pipeline group),
     a pipeline-tied copy counted once: the copies whose tie says ``counts_in_norm=False`` are left
     out.  One all-reduce (SUM, or MAX for the inf-norm)."""
-    if isinstance(parameters, torch.Tensor):
-        parameters = [parameters]
+    parameters = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
     skip = {id(t.weight) for t in ties if not t.counts_in_norm}
     grads = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
     norm_type = float(norm_type)
-    dev = grads[0].device if grads else torch.device("cpu")
+    dev = parameters[0].device if parameters else torch.device("cpu")
     dt = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
     if norm_type == math.inf:
-        local = torch.stack([g.detach().abs().max().to(dt) for g in grads]).max() if grads else torch.zeros((), dtype=dt)
-        local = local.to(dev).reshape(1)
+        local = torch.zeros(1, dtype=dt, device=dev)
+        for g in grads:
+            local = torch.maximum(local, g.detach().abs().max().to(dt))
         if process_group is not None:
             dist.all_reduce(local, op=dist.ReduceOp.MAX, group=process_group)
         return local[0]
