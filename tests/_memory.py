@@ -20,6 +20,8 @@ def _rss():
 """
 
 _MEASURE = """
+if 'warmup' in globals():
+    warmup()  # the same code paths on tiny inputs: library pages and lazy state are not the step's
 base = _rss()
 step()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -28,7 +30,8 @@ print('MEM ' + json.dumps({'extra': peak - base}))
 
 
 def extra_peak_bytes(setup):
-    """``setup`` must define a function ``step()``; returns the peak bytes above the baseline."""
+    """``setup`` must define ``step()`` (and may define ``warmup()``); returns the peak bytes
+    above the resident set size measured just before ``step()``."""
     code = _PRELUDE + textwrap.dedent(setup) + _MEASURE
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
