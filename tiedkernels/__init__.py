@@ -2,6 +2,7 @@
 
 from . import _ext
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd of every backend)
+from . import triton as _triton  # noqa: F401  (registers the Triton backend; Triton itself loads on first use)
 from .functional import embedding, linear_cross_entropy, logits
 from .module import TiedEmbeddingHead, TiedOutputEmbedding
 def inspect_ties(model, **kw): from .hf import inspect_ties as f; return f(model, **kw)  # noqa: E302,E704 (lazy)
