@@ -102,13 +102,23 @@ class TiedEmbeddingHead(nn.Embedding):
         return opts
 
     def logits(self, hidden, **opts):
-        return self.output_embeddings(hidden, **opts)
+        opts = self._head_opts(opts)
+        bias = opts.pop("bias", self.output_embeddings.bias)
+        return tkf.logits(hidden, _tie.head_weight(self.weight), bias=bias, **opts)
 
     def loss(self, hidden, labels, **opts):
         opts = self._head_opts(opts)
         bias = opts.pop("bias", self.output_embeddings.bias)
-        w = self.output_embeddings.weight
-        return tkf.linear_cross_entropy(hidden, _tie.head_weight(w), labels, bias=bias, **opts)
+        return tkf.linear_cross_entropy(hidden, _tie.head_weight(self.weight), labels, bias=bias, **opts)
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        # Whoever swaps the weight (FSDP2's sharded parameter, a user's assignment) swaps it for
+        # both roles: the output side must never keep a stale Parameter.
+        if name == "weight" and isinstance(value, nn.Parameter) and "output_embeddings" in self.__dict__:
+            out = self.__dict__["output_embeddings"]
+            if out.weight is not value:
+                out.weight = value
 
     def extra_repr(self):
         s = super().extra_repr()
