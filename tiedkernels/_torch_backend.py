@@ -144,7 +144,8 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         has_t = ~ignored & (local >= 0) & (local < valid)
         local = torch.where(has_t, local, torch.zeros_like(local))
         row_lse = torch.logsumexp(f, dim=1)
-        zy = torch.where(has_t, f.gather(1, local[:, None]).squeeze(1), torch.zeros((), dtype=sdt, device=f.device))
+        zero = torch.zeros((), dtype=sdt, device=f.device)
+        zy = torch.where(has_t, f.gather(1, local[:, None]).squeeze(1), zero) if v > 0 else zero.expand(rows)
         sumf = f[:, :valid].sum(1)
         if mode == "stats":
             stats[0, start : start + rows] = row_lse
@@ -165,7 +166,8 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         p = torch.exp(f - use_lse[:, None])
         dz = (g * (1 + 2 * z_loss * use_lse))[:, None] * p - (g * eps * inv_v)[:, None]
         rows_idx = torch.arange(rows, device=f.device)
-        dz[rows_idx, local] -= torch.where(has_t, g * (1 - eps), torch.zeros_like(g))
+        if v > 0:
+            dz[rows_idx, local] -= torch.where(has_t, g * (1 - eps), torch.zeros_like(g))
         if softcap > 0:
             t = f / softcap
             dz = dz * (1 - t * t)
