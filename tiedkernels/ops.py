@@ -98,6 +98,23 @@ def _is_one(g):
     return bool(g == 1)
 
 
+def _sole_owner(t):
+    """True when no tensor but ``t`` sees its storage (the op's own outputs were dropped)."""
+    try:
+        # +1 for the temporary storage object made by the call itself
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata) <= 2
+    except Exception:
+        return False
+
+
+def _scaled(t, g):
+    """t * g, in place when nobody else can observe t (the usual case: the public functions
+    drop the op's gradient outputs), so the scaled gradient costs no second buffer."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor or not _sole_owner(t):
+        return t * g
+    return t.mul_(g)
+
+
 def _make_autograd(prefix):
     def op(name):
         return getattr(torch.ops.tiedkernels, prefix + name).default
@@ -159,7 +176,7 @@ def _make_autograd(prefix):
         pre, ctx.pre = ctx.pre, None
         if pre is not None and all(p is not None for p, w in zip(pre, want) if w):
             if not _is_one(g_loss):
-                pre = tuple(p.mul_(g_loss) if p is not None else None for p in pre)
+                pre = tuple(_scaled(p, g_loss) if p is not None else None for p in pre)
             grads = tuple(p if w else None for p, w in zip(pre, want))
         else:
             # Recompute (reduction="none", or a second backward after the first took the
