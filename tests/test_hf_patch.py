@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import tiedkernels.hf as tkhf  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
-from tiedkernels.hf._testing import ARCHS, CAUSAL, batch, build  # noqa: E402
+from tiedkernels.hf._testing import ARCHS, CAUSAL, SCALED, batch, build  # noqa: E402
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -92,7 +92,7 @@ def test_unpatch_restores_stock_modules(arch):
     assert isinstance(model.get_input_embeddings(), HFTiedEmbedding)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + SCALED)
 def test_fused_loss_and_every_gradient_equal_stock(arch):
     stock, model = pair(arch)
     b = batch(arch, stock)
@@ -223,3 +223,24 @@ def test_materializing_fallback_is_exact_and_warns():
     with pytest.warns(UserWarning, match="builds the full logits"):
         got = torch.softmax(lazy, -1)
     torch.testing.assert_close(got, torch.softmax(real, -1), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", SCALED)
+def test_logit_scaling_is_applied(arch):
+    stock, model = pair(arch)
+    ids = batch(arch, stock)["input_ids"]
+    ref = stock(input_ids=ids).logits
+    h = stock.model(input_ids=ids).last_hidden_state
+    raw = h @ stock.model.embed_tokens.weight.T
+    scale = stock.config.logit_scale if arch == "cohere" else 1 / stock.config.logits_scaling
+    torch.testing.assert_close(ref, raw * scale, atol=1e-12, rtol=1e-12)  # what the stock model does
+    torch.testing.assert_close(model(input_ids=ids).logits, ref, atol=1e-12, rtol=1e-12)
+
+
+def test_import_tiedkernels_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, tiedkernels; assert 'transformers' not in sys.modules; print(tiedkernels.inspect_ties)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr

@@ -3,7 +3,8 @@
 import torch
 
 ARCHS = ("gpt2", "llama", "qwen2", "gemma", "gemma2", "bert", "t5", "bart")
-CAUSAL = ("gpt2", "llama", "qwen2", "gemma", "gemma2")
+CAUSAL = ("gpt2", "llama", "qwen2", "gemma", "gemma2", "cohere", "granite")
+SCALED = ("cohere", "granite")  # logit scaling quirks, tested for the loss only
 
 
 def build(arch, vocab=96, seed=0, dtype=torch.float64, **overrides):
@@ -28,6 +29,10 @@ def build(arch, vocab=96, seed=0, dtype=torch.float64, **overrides):
         cfg = T.Gemma2Config(head_dim=8, final_logit_softcapping=0.5, attn_logit_softcapping=50.0, sliding_window=16,
                              query_pre_attn_scalar=8, **dec)
         cls = T.Gemma2ForCausalLM
+    elif arch == "cohere":  # logits * logit_scale
+        cfg, cls = T.CohereConfig(logit_scale=0.5, **dec), T.CohereForCausalLM
+    elif arch == "granite":  # logits / logits_scaling
+        cfg, cls = T.GraniteConfig(logits_scaling=4.0, **dec), T.GraniteForCausalLM
     elif arch == "bert":
         cfg = T.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                            intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
