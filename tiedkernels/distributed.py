@@ -431,23 +431,9 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
         hidden = _GatherForward.apply(hidden, _norm_seq_dim(sequence_dim, labels.dim()), group)
     tkf.check_hidden(hidden, weight_shard)
     tkf.check_bias(bias, weight_shard)
-    if labels.shape != hidden.shape[:-1]:
-        what = " (after gathering the sequence-parallel slices)" if sequence_parallel and p > 1 else ""
-        raise ValueError(f"tiedkernels: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}"
-                         f"{what}: labels must match hidden without its last dimension")
-    if labels.device != hidden.device:
-        raise ValueError(f"tiedkernels: labels are on {labels.device} but hidden on {hidden.device}")
-    if reduction not in tkf._REDUCTIONS:
-        raise ValueError(f"tiedkernels: reduction must be one of {tkf._REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"tiedkernels: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0:
-        raise ValueError(f"tiedkernels: z_loss must be >= 0, got {z_loss}")
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("tiedkernels: num_items_in_batch divides a summed loss; it has no meaning with "
-                         "reduction='none'")
-    if shift and hidden.dim() < 2:
-        raise ValueError("tiedkernels: shift=True needs a sequence dimension: hidden [..., T, D]")
+    what = " (after gathering the sequence-parallel slices)" if sequence_parallel and p > 1 else ""
+    tkf.check_loss_options(hidden, labels, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                           num_items_in_batch=num_items_in_batch, shift=shift, context=what)
     cap = tkf._softcap_value(softcap)
     d = weight_shard.shape[1]
     lab = tkf.shift_labels(labels, ignore_index) if shift else labels

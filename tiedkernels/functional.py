@@ -107,6 +107,27 @@ def shift_labels(labels, ignore_index):
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
 
+def check_loss_options(hidden, labels, *, reduction, label_smoothing, z_loss, num_items_in_batch, shift,
+                       context=""):
+    """The checks every cross-entropy entry point shares (labels vs hidden, option ranges)."""
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"tiedkernels: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}"
+                         f"{context}: labels must match hidden without its last dimension")
+    if labels.device != hidden.device:
+        raise ValueError(f"tiedkernels: labels are on {labels.device} but hidden on {hidden.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"tiedkernels: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"tiedkernels: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if float(z_loss) < 0:
+        raise ValueError(f"tiedkernels: z_loss must be >= 0, got {z_loss}")
+    if num_items_in_batch is not None and reduction == "none":
+        raise ValueError("tiedkernels: num_items_in_batch divides a summed loss; it has no meaning with "
+                         "reduction='none'")
+    if shift and hidden.dim() < 2:
+        raise ValueError("tiedkernels: shift=True needs a sequence dimension: hidden [..., T, D]")
+
+
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
                          shift=False, return_lse=False, chunk_size=None, backend="auto", _vocab_start=0,
@@ -121,22 +142,8 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     check_hidden(hidden, weight)
     check_bias(bias, weight)
     check_index_dtype(labels, "labels")
-    if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"tiedkernels: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}: "
-                         "labels must match hidden without its last dimension")
-    if labels.device != hidden.device:
-        raise ValueError(f"tiedkernels: labels are on {labels.device} but hidden on {hidden.device}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"tiedkernels: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"tiedkernels: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0:
-        raise ValueError(f"tiedkernels: z_loss must be >= 0, got {z_loss}")
-    if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("tiedkernels: num_items_in_batch divides a summed loss; it has no meaning with "
-                         "reduction='none'")
-    if shift and hidden.dim() < 2:
-        raise ValueError("tiedkernels: shift=True needs a sequence dimension: hidden [..., T, D]")
+    check_loss_options(hidden, labels, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                       num_items_in_batch=num_items_in_batch, shift=shift)
     cap = _softcap_value(softcap)
     d = weight.shape[1]
     lab = shift_labels(labels, ignore_index) if shift else labels
