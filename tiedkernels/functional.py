@@ -130,8 +130,7 @@ def check_loss_options(hidden, labels, *, reduction, label_smoothing, z_loss, nu
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
-                         shift=False, return_lse=False, chunk_size=None, backend="auto", _vocab_start=0,
-                         _vocab_total=0):
+                         shift=False, return_lse=False, chunk_size=None, backend="auto"):
     """Cross-entropy of ``softcap((hidden @ weight.T + bias) * logit_scale)`` against ``labels``
     without materializing the ``[N, V]`` logits.
 
@@ -152,8 +151,8 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     n = h2.shape[0]
     chunk = chunk_rows(n, weight.shape[0], chunk_size)
     b = backends.resolve(backend, weight.device)
-    opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, float(logit_scale), int(_vocab_start),
-            int(_vocab_total), chunk)
+    # vocab_start=0, vocab_total=0: this weight is the whole vocabulary (the distributed loss shards it)
+    opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, float(logit_scale), 0, 0, chunk)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     sdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     if reduction != "none":
