@@ -17,16 +17,18 @@ hf-deps: $(HF_STAMP)
 # test-core must see transformers in the main venv.
 test-core: hf-deps
 
-# The v4 line: same torch, the same requirements/test.txt, transformers 4.51.3. The package is
-# installed editable from this checkout; the extension it loads is the one built in place by
-# the main install (same python, same torch), so the main install comes first.
+# The v4 line: same python, same torch, the same requirements/test.txt, transformers 4.51.3.
+# The package is this checkout, put on the venv's path by a .pth file (what an editable install
+# does), with the extension the main install built in place: no second compile, and the shared
+# in-place .so is never rewritten while other processes have it loaded.
 $(HF4_STAMP): $(STAMP) requirements/hf-v4.txt requirements/test.txt
 	test -x $(HF4_BIN)/python || $(PYTHON) -m venv $(VENV_HF4)
-	$(HF4_BIN)/python -m pip install --upgrade "pip>=23" setuptools wheel ninja
+	$(HF4_BIN)/python -m pip install --upgrade "pip>=23" setuptools wheel
 	$(HF4_BIN)/python -m pip install "torch==$(TORCH_VERSION)"
 	$(HF4_BIN)/python -m pip install -r requirements/test.txt -r requirements/hf-v4.txt
-	$(HF4_BIN)/python -m pip install --no-build-isolation --no-deps -e .
-	$(HF4_BIN)/python -c "import transformers, tiedkernels.hf; print('transformers', transformers.__version__)"
+	$(HF4_BIN)/python -c "import site, sys; open(site.getsitepackages()[0] + '/tiedkernels-checkout.pth', 'w').write(sys.argv[1] + '\\n')" "$(CURDIR)"
+	cd / && $(CURDIR)/$(HF4_BIN)/python -c "import transformers, tiedkernels, tiedkernels.hf; from tiedkernels import _ext; \
+	  assert _ext.build_info() is not None, _ext.error(); print('v4 line: transformers', transformers.__version__, 'tiedkernels from', tiedkernels.__file__)"
 	touch $@
 
 install-hf4: $(HF4_STAMP)
