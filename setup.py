@@ -88,7 +88,9 @@ else:
 sources = ["csrc/ops.cpp", "csrc/lce_driver.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = [("TIEDKERNELS_TORCH_VERSION", '"%s"' % torch.__version__)]
-cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+# torch >= 2.14's headers need C++20 (ATen.h refuses anything older).
+cxx_std = "-std=c++20" if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) >= (2, 14) else "-std=c++17"
+cxx_flags = ["-O3", "-fopenmp", cxx_std]
 extra = {"cxx": cxx_flags}
 ext_cls = CppExtension
 if build_cuda:
@@ -96,7 +98,7 @@ if build_cuda:
     sources += cuda_sources
     include_dirs += _nvidia_wheel_includes()
     define_macros.append(("TIEDKERNELS_WITH_CUDA", "1"))
-    extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    extra["nvcc"] = ["-O3", cxx_std, "--expt-relaxed-constexpr", "-lineinfo"]
 
 ext = ext_cls(
     name="tiedkernels._C",

@@ -1,0 +1,147 @@
+"""Fused linear + cross-entropy forward + backward on a GPU: the ``cuda`` and ``triton``
+backends against plain PyTorch, ``torch.compile`` of it, Liger Kernel's fused linear
+cross-entropy and Cut Cross-Entropy (each when installed), and the floor: the three GEMMs
+of the same shapes (h Wᵀ, dz W, dzᵀ h).
+
+    .venv/bin/python -m pytest benchmarks/test_bench_gpu.py --benchmark-only
+
+Shapes: the Llama 3 8B head (N=8192, D=4096, V=128,256) and a small vocabulary (N=8192,
+D=2048, V=32,000), bf16.  Each case records in ``extra_info``: the median of CUDA-event
+timings (``cuda_ms``), the implied rate over 6·N·D·V flops (``tflops``) and the peak memory
+above the inputs (``peak_mib``).  Skipped by a marker without a GPU (evaluated at setup,
+never at import or collection).
+"""
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiedkernels as tk
+
+pytestmark = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
+
+SHAPES = {
+    "llama3-8b": (8192, 4096, 128_256),
+    "small-vocab": (8192, 2048, 32_000),
+}
+ROUNDS = 10
+
+
+@pytest.fixture(scope="module", params=list(SHAPES))
+def shape(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def inputs(shape):
+    n, d, v = SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = (torch.randn(n, d, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    w = (torch.randn(v, d, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    y = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    y[::17] = -100
+    return h, w, y
+
+
+def _leaves(h, w):
+    return h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+
+def _run(benchmark, shape, provider, step):
+    """Time ``step`` (one forward + backward) with CUDA events and record its peak memory."""
+    n, d, v = SHAPES[shape]
+    benchmark.group = f"gpu lce fwd+bwd {shape} N={n} D={d} V={v} bf16"
+    benchmark.extra_info["provider"] = provider
+    for _ in range(2):  # warm-up: compilation, autotuning, allocator
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(ROUNDS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = torch.cuda.max_memory_allocated() - base
+    ms = statistics.median(times)
+    benchmark.extra_info["cuda_ms"] = round(ms, 3)
+    benchmark.extra_info["tflops"] = round(6 * n * d * v / (ms * 1e-3) / 1e12, 1)
+    benchmark.extra_info["peak_mib"] = round(peak / 2**20, 1)
+    benchmark.extra_info["device"] = torch.cuda.get_device_name()
+
+    def timed():
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(timed, rounds=3, iterations=1)
+
+
+def _fused_step(fn, h, w):
+    hl, wl = _leaves(h, w)
+
+    def step():
+        hl.grad = wl.grad = None
+        fn(hl, wl).backward()
+
+    return step
+
+
+def test_gemm3(benchmark, shape, inputs):
+    h, w, _ = inputs
+    n, d, v = SHAPES[shape]
+    chunk = 1024  # the logits of a chunk at a time, so the floor fits in memory at V=128k
+    z = torch.empty(chunk, v, device="cuda", dtype=h.dtype)
+    dh = torch.empty(n, d, device="cuda", dtype=h.dtype)
+    dw = torch.zeros(v, d, device="cuda", dtype=torch.float32)
+
+    def step():
+        for s in range(0, n, chunk):
+            torch.mm(h[s : s + chunk], w.t(), out=z)
+            torch.mm(z, w, out=dh[s : s + chunk])
+            dw.addmm_(z.t(), h[s : s + chunk])
+
+    _run(benchmark, shape, "gemm3", step)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_tiedkernels(benchmark, shape, inputs, backend):
+    reason = tk.backends.why_not(backend, "cuda")
+    if reason is not None:
+        pytest.skip(f"backend {backend!r}: {reason}")
+    h, w, y = inputs
+    _run(benchmark, shape, backend,
+         _fused_step(lambda h_, w_: tk.linear_cross_entropy(h_, w_, y, backend=backend), h, w))
+
+
+def _plain(h, w, y):
+    return F.cross_entropy(F.linear(h, w).float(), y)
+
+
+def test_plain(benchmark, shape, inputs):
+    h, w, y = inputs
+    _run(benchmark, shape, "plain", _fused_step(lambda h_, w_: _plain(h_, w_, y), h, w))
+
+
+def test_torch_compile(benchmark, shape, inputs):
+    h, w, y = inputs
+    torch._dynamo.reset()
+    compiled = torch.compile(_plain)
+    _run(benchmark, shape, "torch.compile", _fused_step(lambda h_, w_: compiled(h_, w_, y), h, w))
+
+
+def test_liger(benchmark, shape, inputs):
+    liger = pytest.importorskip("liger_kernel.transformers", reason="Liger Kernel is not installed")
+    h, w, y = inputs
+    loss_fn = liger.LigerFusedLinearCrossEntropyLoss()
+    _run(benchmark, shape, "liger", _fused_step(lambda h_, w_: loss_fn(w_, h_, y), h, w))
+
+
+def test_cut_cross_entropy(benchmark, shape, inputs):
+    cce = pytest.importorskip("cut_cross_entropy", reason="Cut Cross-Entropy is not installed")
+    h, w, y = inputs
+    _run(benchmark, shape, "cce", _fused_step(lambda h_, w_: cce.linear_cross_entropy(h_, w_, y), h, w))
