@@ -104,6 +104,12 @@ def test_resize_token_embeddings(arch, mean_resizing):
     b["input_ids"] = b["input_ids"] % (v - 3)
     b["labels"] = torch.where(b["labels"] >= 0, b["labels"] % (v - 3), b["labels"])
     torch.testing.assert_close(model(**b).loss.double(), stock(**b).loss.double(), **TOL[arch])
+    # unpatch after resizing: stock classes with the resized sizes
+    tkhf.unpatch(model)
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    assert type(inp) is type(stock.get_input_embeddings()) and type(out) is type(stock.get_output_embeddings())
+    assert inp.num_embeddings == out.out_features == v - 3 and out.weight is inp.weight
+    torch.testing.assert_close(model(**b).loss, stock(**b).loss, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2", "t5", "bart"])

@@ -1,5 +1,6 @@
 """``patch`` / ``unpatch``: put one ``TiedEmbeddingHead`` into a transformers model in place."""
 
+import functools
 import inspect
 import types
 
@@ -145,7 +146,7 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     st = _PatchState(inp, out, fused_loss, return_logits, labels_pos)
     _install(model, head, head.output_embeddings)
     model.__dict__[_STATE] = st
-    model.forward = types.MethodType(_patched_forward, model)
+    model.forward = types.MethodType(_forward_like(type(model).forward), model)
     _tie(model)
     _check_tied(model)
     return model
@@ -199,6 +200,17 @@ def _strip_lazy(output):
         cls = type(output)
         return cls(**{k: output[k] for k in keys if not isinstance(output[k], LazyLogits)})
     return output
+
+
+def _forward_like(cls_forward):
+    """The patched forward with the stock one's name, docstring and signature: Trainer and PEFT read
+    ``inspect.signature(model.forward)`` to pick the batch columns and loss kwargs."""
+
+    @functools.wraps(cls_forward)
+    def forward(self, *args, **kwargs):
+        return _patched_forward(self, *args, **kwargs)
+
+    return forward
 
 
 def _patched_forward(self, *args, **kwargs):
