@@ -123,12 +123,13 @@ def test_greedy_generate_matches_stock(arch):
     assert out.shape[1] > (1 if arch in ("t5", "bart") else 5)
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
-def test_gradient_checkpointing(arch):
+def test_gradient_checkpointing(arch, reentrant):
     stock, model = pair(arch)
     for m in (stock, model):
         m.train()
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         assert m.is_gradient_checkpointing
     b = batch(arch, stock)
     ref, out = stock(**b), model(**b)
