@@ -194,3 +194,25 @@ def test_config_saved_as_tied(tmp_path):
     assert "lm_head.weight" not in safetensors_keys(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+@pytest.mark.skipif(not V5, reason="transformers v4 ties only output-to-input: a checkpoint storing just "
+                                   "lm_head.weight leaves the embedding unloaded, stock or patched")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_checkpoint_with_only_the_output_key_loads_and_patches(arch, tmp_path):
+    """v5 ties whichever of the two keys the checkpoint has."""
+    from safetensors.torch import save_file
+
+    stock = build(arch)
+    stock.save_pretrained(tmp_path)
+    sd = stock.state_dict()
+    src = stock.all_tied_weights_keys["lm_head.weight"]
+    only_out = {k: v.contiguous() for k, v in sd.items() if k not in (src, "lm_head.weight")}
+    only_out["lm_head.weight"] = sd[src].clone()
+    save_file(only_out, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    model = tkhf.patch(type(stock).from_pretrained(tmp_path, torch_dtype=torch.float64).eval())
+    assert_patched_and_tied(model)
+    torch.testing.assert_close(model.get_input_embeddings().weight, stock.get_input_embeddings().weight,
+                               atol=0, rtol=0)
+    b = batch(arch, stock)
+    torch.testing.assert_close(model(**b).loss.double(), stock(**b).loss.double(), **TOL[arch])
