@@ -1,0 +1,41 @@
+"""Shared fixtures: seeding, the CPU backends to test, the `slow` marker."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # `from tolerances import ...` from any test file
+
+import tiedkernels  # noqa: E402
+from tiedkernels import backends as _backends  # noqa: E402
+
+# Every backend that runs on CPU tensors here; an unbuilt extension drops "cpu" (and the
+# `python -m tiedkernels info` report says why) instead of failing every test.
+BACKENDS_CPU = [b for b in ("cpu", "torch") if _backends.why_not(b, "cpu") is None]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: large shapes (64-bit offsets); seconds to a minute each")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same RNG state, whatever ran before it
+    (TIEDKERNELS_TEST_SEED picks another one, to check that no result depends on the draw)."""
+    torch.manual_seed(int(os.environ.get("TIEDKERNELS_TEST_SEED", "0")))
+    yield
+
+
+@pytest.fixture(params=BACKENDS_CPU)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def backends_cpu():
+    return list(BACKENDS_CPU)
+
+
+__all__ = ["BACKENDS_CPU", "tiedkernels"]
