@@ -88,3 +88,8 @@ def test_cli_flags_a_checkpoint_with_two_different_copies(tmp_path):
     res = run_cli("inspect", str(tmp_path))
     assert res.returncode == 1
     assert "stored 2 times" in res.stdout and "different values" in res.stdout
+
+
+def test_cli_rejects_a_folder_without_a_model(tmp_path):
+    res = run_cli("inspect", str(tmp_path))
+    assert res.returncode == 2 and "no config.json" in res.stderr

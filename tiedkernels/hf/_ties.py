@@ -180,7 +180,7 @@ def inspect_saved(path, *, verbose=True):
     import transformers
     from safetensors import safe_open
 
-    config = transformers.AutoConfig.from_pretrained(path)
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     cls = None
     for arch in getattr(config, "architectures", None) or []:
         cls = getattr(transformers, arch, None)

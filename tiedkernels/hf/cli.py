@@ -18,6 +18,11 @@ def inspect_command(args):
         print(f"inspect needs transformers and safetensors (pip install -r requirements/hf.txt): {e}",
               file=sys.stderr)
         return 2
+    import os
+
+    if not os.path.isfile(os.path.join(ns.path, "config.json")):
+        print(f"inspect: {ns.path} is not a saved model folder (no config.json there)", file=sys.stderr)
+        return 2
     report = inspect_saved(ns.path, verbose=True)
     return 1 if report.broken else 0
 
