@@ -268,3 +268,19 @@ def test_bfloat16_model_is_at_least_as_accurate_as_stock(arch):
     assert w.grad is not None and w.grad.dtype == torch.bfloat16 and torch.isfinite(w.grad.float()).all()
     tkhf.patch(p16, backend="auto")
     assert p16.get_input_embeddings().backend == "auto"
+
+
+def test_deepcopy_of_a_patched_model_is_patched_on_its_own_weights():
+    stock, model = pair("llama")
+    twin = copy.deepcopy(model)
+    assert tkhf.is_patched(twin)
+    w = twin.get_input_embeddings().weight
+    assert w is not tied_param(model) and twin.get_output_embeddings().weight is w
+    assert twin.forward.__self__ is twin
+    b = batch("llama", stock)
+    out = twin(**b)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, stock(**b).loss, **tol("llama"))
+    tkhf.unpatch(twin)
+    assert tkhf.is_patched(model) and not tkhf.is_patched(twin)
+    assert twin.get_input_embeddings().weight is w
