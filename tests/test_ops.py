@@ -329,7 +329,9 @@ def test_gradcheck_linear_cross_entropy(backend, case):
     opts = GRADCHECK_LCE[case]
     fn = lambda h_, w_, b_: tk.linear_cross_entropy(h_, w_, labels, bias=b_, shift=True, chunk_size=2,  # noqa: E731
                                                     backend=backend, **opts)
-    assert torch.autograd.gradcheck(fn, (h, w, b))
+    # The rows with every option compare the full Jacobian; the others its random projections
+    # (gradcheck's fast mode), which is enough to tell a reduction's scaling apart.
+    assert torch.autograd.gradcheck(fn, (h, w, b), fast_mode="all_options" not in case)
 
 
 @pytest.mark.parametrize("backend", BACKENDS_CPU)

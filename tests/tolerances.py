@@ -44,7 +44,7 @@ TOLERANCES = {
 
 def _diff(a, ref):
     """|a - ref| in fp64, NaN-aware: agreeing NaNs/Infs count 0, a NaN where the reference has none inf."""
-    a, ref = a.double(), ref.double()
+    a, ref = a.detach().double(), ref.detach().double()
     both_nan = torch.isnan(a) & torch.isnan(ref)
     same_inf = torch.isinf(a) & (a == ref)
     diff = (a - ref).abs()
