@@ -25,8 +25,10 @@ $(STAMP): $(SOURCES)
 
 install: $(STAMP)
 
-demo: install
-	$(BIN)/python -m tiedkernels demo
+# The main job: a byte-level BPE tokenizer and a GPT-2 (transformers) trained stock and patched
+# (mk/hf.mk installs transformers). `python -m tiedkernels demo` is the same without transformers.
+demo: install hf-deps
+	$(BIN)/python -m tiedkernels.hf.demo
 
 test-core: install
 	$(BIN)/python -m pytest tests benchmarks -q
