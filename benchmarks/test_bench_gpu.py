@@ -97,7 +97,7 @@ def test_gemm3(benchmark, shape, inputs):
     chunk = 1024  # the logits of a chunk at a time, so the floor fits in memory at V=128k
     z = torch.empty(chunk, v, device="cuda", dtype=h.dtype)
     dh = torch.empty(n, d, device="cuda", dtype=h.dtype)
-    dw = torch.zeros(v, d, device="cuda", dtype=torch.float32)
+    dw = torch.zeros(v, d, device="cuda", dtype=h.dtype)
 
     def step():
         for s in range(0, n, chunk):
