@@ -271,6 +271,23 @@ def test_logits(backend, case, dtype):
     _compare(kernel, ref, [h, w, b], dtype, ["logits", "dh", "dW", "db"], f"{backend}/{case}")
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_bf16_dw_accumulates_in_fp32(backend, reduction):
+    """128 chunks of 4 rows: a dW summed across chunks in bf16 (Liger #512) drifts to several
+    ulps of the result, while one fp32 accumulator stays within plain PyTorch's error."""
+    h, w, b, labels = lce_inputs(shape=(512,), bias=True)
+
+    def kernel(h_, w_, b_):
+        return tk.linear_cross_entropy(h_, w_, labels, bias=b_, reduction=reduction, chunk_size=4, backend=backend)
+
+    def ref(h_, w_, b_):
+        return R.linear_cross_entropy(h_, w_, labels, bias=b_, reduction=reduction)
+
+    _compare(kernel, ref, [h, w, b], torch.bfloat16, ["loss", "dh", "dW", "db"], f"{backend}/{reduction}",
+             _scalar_loss_base([h, w, b], labels, torch.bfloat16, dict(reduction=reduction)))
+
+
 # ------------------------------------------------------------------------------------------
 # odd shapes: V > 65,536 (beyond 16-bit column indices), V odd
 
