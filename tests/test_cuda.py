@@ -116,6 +116,9 @@ def test_op_level_properties(on_gpu, backend):
     for dtype in LOWP:
         core.test_lce_stats_per_shard(backend, dtype)
     core.test_lce_bwd_sharded(backend, torch.float32)
+    for reduction in ("none", "sum"):
+        core.test_bf16_dw_accumulates_in_fp32(backend, reduction)
+    core.test_lse_of_many_near_equal_logits(backend)
 
 
 @pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)

@@ -99,6 +99,15 @@ def test_logits(case, dtype):
     core.test_logits(B, case, dtype)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_bf16_dw_accumulates_in_fp32(reduction):
+    core.test_bf16_dw_accumulates_in_fp32(B, reduction)
+
+
+def test_lse_of_many_near_equal_logits():
+    core.test_lse_of_many_near_equal_logits(B)
+
+
 def test_large_vocab_beyond_16_bit_columns():
     """V=70,001 with targets at 65,536 and V-1 (fp32, every gradient)."""
     core.test_linear_cross_entropy_large_vocab(B, "none", torch.float32)
