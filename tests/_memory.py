@@ -1,8 +1,10 @@
 """Peak host memory of a snippet, measured in a fresh process.
 
-The child builds its inputs, records its resident set size, runs the step once and
-reports ``ru_maxrss - baseline``.  ``MALLOC_MMAP_THRESHOLD_`` makes glibc return every
-large freed buffer to the OS, so the peak is the peak of live tensors (plus small noise).
+The child builds its inputs, resets its peak resident set size to the current one
+(``/proc/self/clear_refs``), runs the step once and reports ``VmHWM`` minus the ``VmRSS`` it
+had before.  (``ru_maxrss`` would not do: Linux carries the parent's peak over fork/exec.)
+``MALLOC_MMAP_THRESHOLD_`` makes glibc return every large freed buffer to the OS, so the
+peak is the peak of live tensors (plus small noise).
 """
 
 import json
@@ -12,19 +14,26 @@ import sys
 import textwrap
 
 _PRELUDE = """
-import json, resource, torch
+import json, torch
 torch.set_num_threads(1)
-def _rss():
-    with open('/proc/self/statm') as f:
-        return int(f.read().split()[1]) * 4096
+def _status(key):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1]) * 1024
+def _reset_peak():
+    # ru_maxrss would carry the parent's peak over fork/exec; VmHWM can be reset to now.
+    with open('/proc/self/clear_refs', 'w') as f:
+        f.write('5')
 """
 
 _MEASURE = """
 if 'warmup' in globals():
     warmup()  # the same code paths on tiny inputs: library pages and lazy state are not the step's
-base = _rss()
+_reset_peak()
+base = _status('VmRSS')
 step()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = _status('VmHWM')
 print('MEM ' + json.dumps({'extra': peak - base}))
 """
 
