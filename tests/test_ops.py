@@ -328,13 +328,7 @@ def test_embedding_and_logits_large_vocab(backend):
              F64, ["logits", "dh", "dW"], f"{backend}/logits V={BIG_V}")
 
 
-_NAIVE_SUM = ("the CPU row kernel sums exp(z - max) over the whole row in one fp32 running sum per SIMD lane "
-              "(csrc/cpu/cross_entropy.cpp process_row); with ~1M near-equal terms it loses ~4e-4 in the lse, "
-              "300x the torch backend's (PyTorch's cascade sum); a blocked sum would fix it")
-
-
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.xfail(strict=True, reason=_NAIVE_SUM))
-                                     if b == "cpu" else b for b in BACKENDS_CPU])
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
 def test_lse_of_many_near_equal_logits(backend):
     """2^20 logits of 0 and one of 1: the exact lse is log(V - 1 + e).  Nearly equal terms are
     the worst case for a running fp32 sum (and the usual shape of an LM's long tail)."""

@@ -5,8 +5,11 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../lce_driver.h"
@@ -53,18 +56,46 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < valid; ++j) m = f[j] > m ? f[j] : m;
   acc_t s = 0, sf = 0;
-  if (valid > 0 && m != -std::numeric_limits<acc_t>::infinity()) {
-#pragma omp simd reduction(+ : s, sf)
-    for (int64_t j = 0; j < valid; ++j) {
-      s += exp_fast(f[j] - m);
-      sf += f[j];
+  // The fp32 hot path (gradient in forward, no softcap, finite max): keep exp(z - m) in place, so the
+  // gradient pass is a multiply-add instead of a second exp. fp64 keeps one formula for both passes,
+  // so a second backward (which recomputes from the saved lse) matches the first bit for bit.
+  const bool fused = std::is_same<acc_t, float>::value && in.grad && !in.ignored && !in.have_lse &&
+                     !(cap > acc_t(0)) && valid > 0 && std::isfinite(m);
+  const acc_t zy_raw = in.target >= 0 ? f[in.target] : acc_t(0);
+  // The sums run vectorized over blocks and the block sums add up in double: one running fp32
+  // sum per SIMD lane over a 128k-entry row would lose ~1e-4 of the logsumexp.
+  constexpr int64_t kBlock = 512;
+  if (fused || (valid > 0 && m != -std::numeric_limits<acc_t>::infinity())) {
+    double s_acc = 0, sf_acc = 0;
+    for (int64_t j0 = 0; j0 < valid; j0 += kBlock) {
+      const int64_t j1 = std::min<int64_t>(valid, j0 + kBlock);
+      acc_t bs = 0, bf = 0;
+      if (fused) {
+#pragma omp simd reduction(+ : bs, bf)
+        for (int64_t j = j0; j < j1; ++j) {
+          const acc_t e = exp_fast(f[j] - m);
+          bf += f[j];
+          bs += e;
+          f[j] = e;
+        }
+      } else {
+#pragma omp simd reduction(+ : bs, bf)
+        for (int64_t j = j0; j < j1; ++j) {
+          bs += exp_fast(f[j] - m);
+          bf += f[j];
+        }
+      }
+      s_acc += bs;
+      sf_acc += bf;
     }
+    s = static_cast<acc_t>(s_acc);
+    sf = static_cast<acc_t>(sf_acc);
   } else {
     // An all-padding shard (or -inf logits): no mass here.  NaNs still reach s through sf.
     for (int64_t j = 0; j < valid; ++j) sf += f[j];
   }
   const acc_t lse = s > acc_t(0) || s != s ? m + std::log(s) : (sf != sf ? sf : -std::numeric_limits<acc_t>::infinity());
-  const acc_t zy = in.target >= 0 ? f[in.target] : acc_t(0);
+  const acc_t zy = zy_raw;
   out.lse = lse;
   out.zy = zy;
   out.sumf = sf;
@@ -81,7 +112,12 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
   const acc_t l = in.have_lse ? in.lse_given : lse;
   const acc_t a = in.g * (acc_t(1) + acc_t(2) * c.z_loss * l);
   const acc_t b = in.g * c.eps * c.inv_vocab;
-  if (cap > acc_t(0)) {
+  if (fused) {
+    // f holds exp(z - m); softmax = f / s since lse = m + log(s).
+    const acc_t c1 = a * scale / s, c0 = b * scale;
+#pragma omp simd
+    for (int64_t j = 0; j < valid; ++j) f[j] = f[j] * c1 - c0;
+  } else if (cap > acc_t(0)) {
 #pragma omp simd
     for (int64_t j = 0; j < valid; ++j) {
       const acc_t t = f[j] * inv_cap;
@@ -116,10 +152,31 @@ inline void run_row(double* f, const RowIn<double>& in, const Consts<double>& c,
 }
 
 // The row in the accumulation type: the chunk itself when the types agree, else a converted copy.
+// bf16 <-> fp32 rows in vector code (c10's scalar conversions do not vectorize); the rounding is
+// c10's: to nearest even, NaN to 0x7FC0.
+TK_TARGET_CLONES void bf16_row_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = static_cast<uint32_t>(src[j]) << 16;
+    std::memcpy(dst + j, &u, sizeof(float));
+  }
+}
+
+TK_TARGET_CLONES void f32_row_to_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    std::memcpy(&u, src + j, sizeof(u));
+    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    dst[j] = static_cast<uint16_t>((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 acc_t* load_row(scalar_t* zr, std::vector<acc_t>& buf, int64_t v) {
   if constexpr (std::is_same<scalar_t, acc_t>::value) {
     return zr;
+  } else if constexpr (std::is_same<scalar_t, at::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    bf16_row_to_f32(reinterpret_cast<const uint16_t*>(zr), buf.data(), v);
+    return buf.data();
   } else {
     for (int64_t j = 0; j < v; ++j) buf[j] = static_cast<acc_t>(zr[j]);
     return buf.data();
@@ -128,7 +185,9 @@ acc_t* load_row(scalar_t* zr, std::vector<acc_t>& buf, int64_t v) {
 
 template <typename scalar_t, typename acc_t>
 void store_row(scalar_t* zr, const acc_t* f, int64_t v) {
-  if constexpr (!std::is_same<scalar_t, acc_t>::value) {
+  if constexpr (std::is_same<scalar_t, at::BFloat16>::value && std::is_same<acc_t, float>::value) {
+    f32_row_to_bf16(f, reinterpret_cast<uint16_t*>(zr), v);
+  } else if constexpr (!std::is_same<scalar_t, acc_t>::value) {
     for (int64_t j = 0; j < v; ++j) zr[j] = static_cast<scalar_t>(f[j]);
   }
 }
@@ -154,7 +213,9 @@ void cpu_row_kernel(const RowTask& t, const LossOptions& o) {
     c.eps = static_cast<acc_t>(o.label_smoothing);
     c.z_loss = static_cast<acc_t>(o.z_loss);
     c.inv_vocab = static_cast<acc_t>(1.0 / static_cast<double>(o.vocab_total));
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    // Rows per task so that a task holds at least ~64k logits: small calls stay on one thread.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, v));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf(std::is_same<scalar_t, acc_t>::value ? 0 : v);
       for (int64_t r = begin; r < end; ++r) {
         scalar_t* zr = z + r * v;

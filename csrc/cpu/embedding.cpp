@@ -58,7 +58,8 @@ void scatter_add_rows(at::Tensor& grad_weight, const at::Tensor& grad, const at:
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* out = grad_weight.data_ptr<scalar_t>();
-    at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d));  // small calls: one thread
+    at::parallel_for(0, runs, grain, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(d);
       for (int64_t r = begin; r < end; ++r) {
         const int64_t row = id[order[run_start[r]]];
