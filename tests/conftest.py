@@ -9,11 +9,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # `from tolerances import ...` from any test file
 
 import tiedkernels  # noqa: E402
-from tiedkernels import backends as _backends  # noqa: E402
-
-# Every backend that runs on CPU tensors here; an unbuilt extension drops "cpu" (and the
-# `python -m tiedkernels info` report says why) instead of failing every test.
-BACKENDS_CPU = [b for b in ("cpu", "torch") if _backends.why_not(b, "cpu") is None]
+from _cpu_backends import BACKENDS_CPU  # noqa: E402
 
 
 def pytest_configure(config):

@@ -9,7 +9,7 @@ import torch
 import tiedkernels as tk
 from tiedkernels import reference as R
 
-from conftest import BACKENDS_CPU
+from _cpu_backends import BACKENDS_CPU
 from tolerances import assert_close
 
 F64 = torch.float64

@@ -16,7 +16,7 @@ import tiedkernels as tk
 from tiedkernels import reference as R
 from tiedkernels._schemas import SCHEMAS
 
-from conftest import BACKENDS_CPU
+from _cpu_backends import BACKENDS_CPU
 from tolerances import assert_close
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
