@@ -1,6 +1,16 @@
 #include "lce_driver.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "vec_math.h"
 
 namespace tiedkernels {
 
@@ -9,8 +19,54 @@ namespace {
 at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Rows of the vocabulary per tile when a low-precision chunk's dW contribution is
-// rounded once to the input dtype and added into the fp32 accumulator.
+// rounded once to the input dtype and added into the fp32 accumulator (non-CPU devices).
 constexpr int64_t kDwTileBytes = 8LL << 20;
+
+// acc (fp32) = or += the bf16 values in t, in one pass: ATen's mixed-dtype add_ on the CPU
+// first converts the whole bf16 operand into an fp32 temporary.
+TK_TARGET_CLONES void bf16_into_f32(float* acc, const uint16_t* t, int64_t n, bool overwrite) {
+  if (overwrite) {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(t[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, sizeof(f));
+      acc[i] = f;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t u = static_cast<uint32_t>(t[i]) << 16;
+      float f;
+      std::memcpy(&f, &u, sizeof(f));
+      acc[i] += f;
+    }
+  }
+}
+
+// A fresh CPU buffer of many MiB (the chunk's logits, dW, dh) faults in 2 MiB pages instead of
+// 4 KiB ones: first touch of a 128 MiB buffer is otherwise 32k page faults per call. Only whole
+// huge pages inside the buffer are advised, so resident memory does not grow.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  if (!t.defined() || !t.is_cpu() || t.nbytes() < 4 * kHuge) return;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#endif
+}
+
+// acc (fp32, contiguous) = or += part (the input dtype, contiguous, same shape).
+void accumulate_f32(const at::Tensor& acc, const at::Tensor& part, bool overwrite) {
+  if (acc.is_cpu() && part.scalar_type() == at::kBFloat16 && acc.is_contiguous() && part.is_contiguous()) {
+    float* a = acc.data_ptr<float>();
+    const auto* t = reinterpret_cast<const uint16_t*>(part.data_ptr<at::BFloat16>());
+    at::parallel_for(0, acc.numel(), 1 << 16, [&](int64_t b, int64_t e) { bf16_into_f32(a + b, t + b, e - b, overwrite); });
+  } else if (overwrite) {
+    acc.copy_(part);
+  } else {
+    acc.add_(part);
+  }
+}
 
 }  // namespace
 
@@ -83,13 +139,22 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   }
   const bool want_dh = grads && compute_dh, want_dw = grads && compute_dw, want_db = grads && compute_db;
   r.dh = want_dh ? at::empty({n, d}, h.options()) : at::empty({0}, h.options());
-  at::Tensor dw_acc = want_dw ? at::zeros({v, d}, w.options().dtype(sdt)) : at::Tensor();
-  at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
   const bool low_precision = dtype != sdt;
+  const int64_t chunk = std::max<int64_t>(1, std::min(chunk_size, n));
+  const int64_t chunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
+  // CPU, low precision: each chunk's dzᵀ h in one GEMM into a [V, D] buffer of the input dtype, which
+  // also receives the result at the end (so it adds nothing to the peak), then one pass into fp32;
+  // with a single chunk that GEMM is dW itself. Elsewhere the first chunk writes dW (no zero fill).
+  const bool whole_dw = want_dw && low_precision && h.is_cpu() && chunks > 0;
+  at::Tensor dw_part = whole_dw ? at::empty({v, d}, w.options()) : at::Tensor();
+  at::Tensor dw_acc = !want_dw || (whole_dw && chunks == 1) ? at::Tensor()
+                      : chunks == 0 ? at::zeros({v, d}, w.options().dtype(sdt))
+                                    : at::empty({v, d}, w.options().dtype(sdt));
+  at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
   const int64_t dw_tile = std::max<int64_t>(1, kDwTileBytes / std::max<int64_t>(1, d * h.element_size()));
 
-  const int64_t chunk = std::max<int64_t>(1, std::min(chunk_size, n));
   at::Tensor zbuf = at::empty({n == 0 ? 0 : chunk, v}, h.options());
+  for (const auto& t : {zbuf, r.dh, dw_part, dw_acc}) advise_huge_pages(t);
   const auto wt = w.t();
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t rows = std::min(chunk, n - start);
@@ -118,9 +183,18 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
       at::mm_out(dhc, z, w);
     }
     if (want_dw) {
+      const bool first = start == 0;
       if (!low_precision) {
-        dw_acc.addmm_(z.t(), hc);
+        if (first) {
+          at::mm_out(dw_acc, z.t(), hc);
+        } else {
+          dw_acc.addmm_(z.t(), hc);
+        }
+      } else if (whole_dw) {
+        at::mm_out(dw_part, z.t(), hc);
+        if (dw_acc.defined()) accumulate_f32(dw_acc, dw_part, first);
       } else {
+        if (first) dw_acc.zero_();
         // One rounding of this chunk's contribution, then fp32 accumulation across chunks,
         // in vocabulary tiles so the temporary stays small.
         for (int64_t v0 = 0; v0 < v; v0 += dw_tile) {
@@ -135,7 +209,10 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   if (mode == LossMode::Forward) {
     r.loss = gs.defined() ? (gs.dim() == 0 ? loss_vec.sum() * gs : (loss_vec * gs).sum()) : loss_vec;
   }
-  r.dw = want_dw ? (low_precision ? dw_acc.to(dtype) : dw_acc) : at::empty({0}, w.options());
+  if (whole_dw && dw_acc.defined()) dw_part.copy_(dw_acc);  // one rounding of the fp32 sum
+  r.dw = !want_dw ? at::empty({0}, w.options())
+         : whole_dw ? dw_part
+         : (low_precision ? dw_acc.to(dtype) : dw_acc);
   r.db = want_db ? (low_precision ? db_acc.to(dtype) : db_acc) : at::empty({0}, w.options());
   return r;
 }

@@ -58,16 +58,26 @@ def normalize_padding_idx(padding_idx, num_embeddings):
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
 
 
-def chunk_rows(n, v, chunk_size=None):
-    """Rows per chunk: ``chunk_size`` if given, else what fits ``TIEDKERNELS_CHUNK_BYTES``
-    (default 32 MiB) of fp32 logits, at least MIN_CHUNK_ROWS so the GEMMs stay efficient."""
+def chunk_rows(n, v, chunk_size=None, d=None, itemsize=4, dw=False):
+    """Rows per chunk: ``chunk_size`` if given; else what fits ``TIEDKERNELS_CHUNK_BYTES`` of logits
+    when that is set (or when ``d`` is not given: 32 MiB of fp32 logits); else a chunk whose logits take
+    half the bytes of the fp32 dW accumulator (``D/2`` rows in fp32, ``D`` in bf16), which keeps the dW
+    GEMM's inner dimension in the hundreds (its [V, D] output is read and written once per chunk).
+    A low-precision call on the compiled CPU backend that computes dW takes one chunk when its logits
+    cost no more than the fp32 accumulator that backend then does without. At least MIN_CHUNK_ROWS rows."""
     if chunk_size is not None:
         chunk_size = int(chunk_size)
         if chunk_size <= 0:
             raise ValueError(f"tiedkernels: chunk_size must be a positive number of rows, got {chunk_size}")
         return chunk_size
-    budget = int(os.environ.get("TIEDKERNELS_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
-    rows = max(MIN_CHUNK_ROWS, budget // max(1, 4 * v))
+    env = os.environ.get("TIEDKERNELS_CHUNK_BYTES")
+    if env is not None or d is None:
+        budget = int(env) if env is not None else DEFAULT_CHUNK_BYTES
+        rows = max(MIN_CHUNK_ROWS, budget // max(1, (itemsize if env is not None else 4) * v))
+        return max(1, min(rows, n))
+    rows = max(MIN_CHUNK_ROWS, (2 * d) // itemsize)
+    if dw and itemsize < 4 and n * itemsize <= rows * itemsize + 4 * d:
+        rows = n
     return max(1, min(rows, n))
 
 
@@ -149,8 +159,10 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     h2 = hidden.reshape(-1, d)
     lab = lab.reshape(-1)
     n = h2.shape[0]
-    chunk = chunk_rows(n, weight.shape[0], chunk_size)
     b = backends.resolve(backend, weight.device)
+    chunk = chunk_rows(n, weight.shape[0], chunk_size, d=d, itemsize=hidden.element_size(),
+                       dw=weight.requires_grad and torch.is_grad_enabled() and reduction != "none"
+                       and b.name == "cpu")
     # vocab_start=0, vocab_total=0: this weight is the whole vocabulary (the distributed loss shards it)
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, float(logit_scale), 0, 0, chunk)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
