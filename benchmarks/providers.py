@@ -178,8 +178,9 @@ def _wrap(case, x, fwd):
 
 @functools.lru_cache(maxsize=None)
 def _compiled(kind):
-    # One compiled function per job; shapes and dtypes recompile (dynamic after the first change).
-    return torch.compile(_plain_fns(kind))
+    # One compiled function per job, with dynamic shapes (as CCE's own compiled path): one compile
+    # per job and dtype instead of one per shape, which the report's many shapes could not afford.
+    return torch.compile(_plain_fns(kind), dynamic=True)
 
 
 def _torch_lce(case, x):

@@ -1,6 +1,6 @@
 """Run the report set and write ``benchmarks/RESULTS.md`` and the plots under ``benchmarks/plots/``.
 
-    .venv/bin/python -m benchmarks.report                 # everything (about 30 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.report                 # everything (about 45 minutes on 2 cores)
     .venv/bin/python -m benchmarks.report --only memory   # peak memory only (fresh process per cell)
     .venv/bin/python -m benchmarks.report --only time     # timings only
     .venv/bin/python -m benchmarks.report --only write    # re-render RESULTS.md and plots from results.json
@@ -138,7 +138,7 @@ def run_memory(cases, results, log, jobs=2, kinds=MEMORY_KINDS, save=None):
              and not (c in sweeps_only and n in SWEEP_MEMORY_SKIP)
              and results["memory"].get(c.to_json(), {}).get(n) is None]  # resume
     t0 = time.time()
-    results["memory_meta"] = {"start": datetime.datetime.now().isoformat(timespec="minutes")}
+    results.setdefault("memory_meta", {}).setdefault("start", datetime.datetime.now().isoformat(timespec="minutes"))
 
     def one(cell):
         n, c = cell
@@ -348,7 +348,7 @@ def write(results, out_md, plot_dir):
     L += ["Providers: `gemm3` the three GEMMs of the same shapes (h·Wᵀ, dz·W, dzᵀ·h) into preallocated "
           "outputs, the physical floor (`gemm1`: the one GEMM of a forward); `plain` `F.linear` + "
           "`F.cross_entropy` on fp32 logits (as a Hugging Face loss upcasts them), `nn.Embedding` for the "
-          "embedding; `compile` `torch.compile` of plain; `torch-lce` PyTorch's chunked "
+          "embedding; `compile` `torch.compile(dynamic=True)` of plain; `torch-lce` PyTorch's chunked "
           "`F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())`; `cce` Cut Cross-Entropy's "
           "`torch_compile` implementation; `tiedkernels-cpu` the compiled C++ backend, `tiedkernels-torch` "
           "the same chunked algorithm in plain PyTorch. Liger Kernel and CCE's Triton kernel run on CUDA only.",
