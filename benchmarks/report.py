@@ -288,6 +288,7 @@ def _plot(results, out_dir):
         cases.sort(key=lambda c: getattr(c, axis))
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
         provs = [p.name for p in P.providers()]
+        colors = {prov: f"C{i % 10}" for i, prov in enumerate(provs)}  # one colour per provider in both panels
         for prov in provs:
             xs_t, ys_t, xs_m, ys_m = [], [], [], []
             for c in cases:
@@ -299,7 +300,7 @@ def _plot(results, out_dir):
                 if m is not None:
                     xs_m.append(getattr(c, axis))
                     ys_m.append(m / 2**20)
-            style = dict(marker="o", linewidth=2.5 if prov.startswith("tiedkernels") else 1.2,
+            style = dict(marker="o", color=colors[prov], linewidth=2.5 if prov.startswith("tiedkernels") else 1.2,
                          linestyle="--" if prov.startswith("gemm") else "-")
             if xs_t:
                 ax_t.plot(xs_t, ys_t, label=prov, **style)
@@ -314,6 +315,7 @@ def _plot(results, out_dir):
         ax_t.set_yscale("log")
         ax_t.set_title(f"fused loss forward+backward, fp32, {what}")
         ax_m.set_title(f"extra peak memory, fp32, {what}")
+        ax_t.legend(fontsize=8)
         ax_m.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"{name}.png")
