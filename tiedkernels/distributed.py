@@ -449,20 +449,9 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
     cfg.group, cfg.reduce_dh = group, bool(reduce_grad_input) and not (sequence_parallel and p > 1)
     cfg.eps, cfg.z_loss, cfg.vocab_size = float(label_smoothing), float(z_loss), vocab_size
     tok, lse = _VocabParallelLCE.apply(h2, weight_shard, bias, lab, cfg)
-    if reduction == "none":
-        loss = tok.view(labels.shape)
-        if shift:
-            loss = loss[..., :-1]
-    else:
-        loss = tok.sum()
-        if num_items_in_batch is not None:
-            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).to(loss.dtype)
-        elif reduction == "mean":
-            loss = loss / (lab != ignore_index).sum().clamp(min=1).to(loss.dtype)
-    if not return_lse:
-        return loss
-    lse = lse.view(labels.shape)
-    return loss, (lse[..., :-1] if shift else lse)
+    denom = tkf.loss_denominator(lab, reduction, ignore_index, num_items_in_batch, tok.dtype)
+    loss = tkf.reduce_tokens(tok, labels.shape, reduction, denom, shift)
+    return tkf.finish(loss, lse, labels.shape, shift, return_lse)
 
 
 # ---------------------------------------------------------------------------------------

@@ -138,6 +138,33 @@ def check_loss_options(hidden, labels, *, reduction, label_smoothing, z_loss, nu
         raise ValueError("tiedkernels: shift=True needs a sequence dimension: hidden [..., T, D]")
 
 
+def loss_denominator(labels_flat, reduction, ignore_index, num_items_in_batch, dtype):
+    """What a summed loss is divided by: num_items_in_batch, the non-ignored count (mean), or None."""
+    if reduction == "none":
+        return None
+    if num_items_in_batch is not None:
+        return torch.as_tensor(num_items_in_batch, device=labels_flat.device).to(dtype)
+    if reduction == "mean":
+        return (labels_flat != ignore_index).sum().clamp(min=1).to(dtype)
+    return None
+
+
+def reduce_tokens(tok, labels_shape, reduction, denom, shift):
+    """Per-token losses [N] -> the requested reduction (shift drops each sequence's last position)."""
+    if reduction == "none":
+        loss = tok.view(labels_shape)
+        return loss[..., :-1] if shift else loss
+    loss = tok.sum()
+    return loss / denom if denom is not None else loss
+
+
+def finish(loss, lse, labels_shape, shift, return_lse):
+    if not return_lse:
+        return loss
+    lse = lse.view(labels_shape)
+    return loss, (lse[..., :-1] if shift else lse)
+
+
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
                          shift=False, return_lse=False, chunk_size=None, backend="auto"):
@@ -167,28 +194,12 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, float(logit_scale), 0, 0, chunk)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     sdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    if reduction != "none":
-        if num_items_in_batch is not None:
-            denom = torch.as_tensor(num_items_in_batch, device=hidden.device).to(sdt)
-        elif reduction == "mean":
-            denom = (lab != ignore_index).sum().clamp(min=1).to(sdt)
-        else:
-            denom = None
+    denom = loss_denominator(lab, reduction, ignore_index, num_items_in_batch, sdt)
     if reduction != "none" and torch.is_grad_enabled() and any(need):
         # Gradient-in-forward: the scalar's gradients are computed in the same pass.
         scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=sdt, device=hidden.device)
         loss, lse, _, _, _ = b.op("lce_fwd")(h2, weight, bias, lab, scale, *opts, *need)
     else:
         tok, lse, _, _, _ = b.op("lce_fwd")(h2, weight, bias, lab, None, *opts, False, False, False)
-        if reduction == "none":
-            loss = tok.view(labels.shape)
-            if shift:
-                loss = loss[..., :-1]
-        else:
-            loss = tok.sum()
-            if denom is not None:
-                loss = loss / denom
-    if not return_lse:
-        return loss
-    lse = lse.view(labels.shape)
-    return loss, (lse[..., :-1] if shift else lse)
+        loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
+    return finish(loss, lse, labels.shape, shift, return_lse)
