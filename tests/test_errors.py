@@ -1,5 +1,6 @@
 """Bad and edge-case input, one test per row of DESIGN section 5, on every CPU backend."""
 
+import math
 import os
 import re
 
@@ -15,7 +16,9 @@ from tolerances import assert_close
 F64 = torch.float64
 N, D, V = 11, 6, 13
 
-pytestmark = pytest.mark.parametrize("backend", BACKENDS_CPU)
+# The tests below take the conftest's `backend` fixture (the CPU backends); those of issue 10's items
+# at the end also run on Triton where its interpreter is on in this process (`make test` runs them so
+# in a process of their own: test_interpreter_cases_in_own_process).
 
 
 def _op(backend, name):
@@ -463,3 +466,397 @@ def test_tokens_times_vocab_beyond_int32_loss(backend):
     dead[live] = False
     assert torch.all(dh[dead] == 0), "an ignored row got a gradient"
     assert_close(dw, rw, dtype=torch.float32, name="dW")
+
+
+# ------------------------------------------------------------------------------------------
+# Issue 10's edge inputs: PyTorch's value or a clear error, on every backend (Triton too, under its
+# interpreter).  Triton is only loaded where TRITON_INTERPRET=1 was set for this process, so that a
+# plain run does not import it (test_triton.py must be able to switch the interpreter on).
+
+def _triton_on():
+    if os.environ.get("TRITON_INTERPRET", "0").lower() not in ("1", "true", "yes", "on"):
+        return False
+    from tiedkernels import backends
+
+    return backends.why_not("triton", "cpu") is None
+
+
+ALL = list(BACKENDS_CPU) + (["triton"] if _triton_on() else [])
+F32 = torch.float32
+
+
+def test_interpreter_cases_in_own_process():
+    """The `triton` cases of this file, in a process of their own with the interpreter on."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if _triton_on():
+        pytest.skip("the Triton interpreter is on in this process: the triton cases run here")
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed (requirements/triton.txt)")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pytest", os.path.abspath(__file__), "-q", "-k", "triton",
+                        "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    tail = (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 0, f"the triton cases failed (rc {r.returncode}):\n{tail}"
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) >= 40 and "failed" not in r.stdout, tail
+
+
+def test_error_class():
+    """Shape, dtype, device and option errors are one class, both ValueError and RuntimeError."""
+    assert issubclass(tk.TiedKernelsError, ValueError) and issubclass(tk.TiedKernelsError, RuntimeError)
+    h, w, b, labels = _inputs()
+    calls = [lambda: tk.logits(torch.randn(N, D + 1, dtype=F64), w),
+             lambda: tk.linear_cross_entropy(h, w, labels[:-1]),
+             lambda: tk.linear_cross_entropy(h, w, labels.float()),
+             lambda: tk.linear_cross_entropy(h.float(), w, labels),
+             lambda: tk.linear_cross_entropy(h, w, labels, reduction="avg"),
+             lambda: tk.embedding(labels, w.long())]
+    for call in calls:
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert type(e.value) is tk.TiedKernelsError, f"{type(e.value).__name__}: {e.value}"
+
+
+def _lce_ref(h, w, labels, g=None, **opts):
+    """fp64 reference loss and its gradients for the tensors of `h, w, b` that require one."""
+    bias = opts.pop("bias", None)
+    leaves = [x.detach().double().requires_grad_() if x is not None else None for x in (h, w, bias)]
+    out = R.linear_cross_entropy(leaves[0], leaves[1], labels, bias=leaves[2], **opts)
+    loss = out[0] if isinstance(out, tuple) else out
+    g = torch.ones_like(loss) if g is None else g.double()
+    wrt = [x for x in leaves if x is not None]
+    grads = torch.autograd.grad(loss, wrt, g, allow_unused=True)
+    return out, grads
+
+
+# item 3: every tensor argument on another device than the weight ------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+def test_argument_on_another_device(backend):
+    from tiedkernels import distributed as tkd
+
+    h, w, b, labels = _inputs()
+    meta = {"h": h.detach().to("meta"), "b": b.detach().to("meta"), "y": labels.to("meta")}
+    head = tk.TiedEmbeddingHead(V, D, bias=True, dtype=F64, backend=backend)
+    calls = {
+        "functional loss bias": lambda: tk.linear_cross_entropy(h, w, labels, bias=meta["b"], backend=backend),
+        "functional loss labels": lambda: tk.linear_cross_entropy(h, w, meta["y"], backend=backend),
+        "functional loss hidden": lambda: tk.linear_cross_entropy(meta["h"], w, labels, backend=backend),
+        "functional loss num_items": lambda: tk.linear_cross_entropy(
+            h, w, labels, reduction="sum", num_items_in_batch=torch.tensor(3.0, device="meta"), backend=backend),
+        "functional logits bias": lambda: tk.logits(h, w, bias=meta["b"], backend=backend),
+        "functional logits hidden": lambda: tk.logits(meta["h"], w, backend=backend),
+        "functional embedding ids": lambda: tk.embedding(meta["y"], w, backend=backend),
+        "module forward ids": lambda: head(meta["y"]),
+        "module embed ids (no grad)": lambda: torch.no_grad()(head.embed)(meta["y"]),
+        "module loss labels": lambda: head.loss(h, meta["y"]),
+        "module loss bias": lambda: head.loss(h, labels, bias=meta["b"]),
+        "module logits hidden": lambda: head.logits(meta["h"]),
+        "output_embeddings hidden": lambda: head.output_embeddings(meta["h"]),
+        "output_embeddings bias": lambda: head.output_embeddings(h, bias=meta["b"]),
+        "vocab-parallel loss bias": lambda: tkd.vocab_parallel_linear_cross_entropy(h, w, labels, bias=meta["b"],
+                                                                                    backend=backend),
+        "vocab-parallel loss labels": lambda: tkd.vocab_parallel_linear_cross_entropy(h, w, meta["y"],
+                                                                                      backend=backend),
+        "vocab-parallel embedding ids": lambda: tkd.vocab_parallel_embedding(meta["y"], w, backend=backend),
+        "weight on meta": lambda: tk.linear_cross_entropy(h, w.detach().to("meta"), labels, backend=backend),
+    }
+    for what, call in calls.items():
+        with pytest.raises(tk.TiedKernelsError) as e:
+            call()
+        msg = str(e.value)
+        assert "meta" in msg and "cpu" in msg, f"{what}: the message does not name both devices: {msg}"
+
+
+# item 5: softcap = inf is the uncapped result ---------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_softcap_inf_is_uncapped(backend, reduction):
+    h, w, b, labels = _inputs()
+    g = torch.randn(N, dtype=F64) if reduction == "none" else torch.tensor(0.7, dtype=F64)
+    opts = dict(bias=b, reduction=reduction, label_smoothing=0.1, z_loss=1e-2, logit_scale=0.8)
+    loss = tk.linear_cross_entropy(h, w, labels, softcap=float("inf"), chunk_size=4, backend=backend, **opts)
+    grads = torch.autograd.grad(loss, [h, w, b], g)
+    ref, rgrads = _lce_ref(h, w, labels, g, **opts)
+    assert_close(loss, ref, dtype=F64, name="loss")
+    for name, a, r in zip(("dh", "dW", "db"), grads, rgrads):
+        assert_close(a, r, dtype=F64, name=name)
+    z = tk.logits(h, w, bias=b, softcap=float("inf"), logit_scale=0.8, backend=backend)
+    assert_close(z, R.logits(h.detach(), w.detach(), bias=b.detach(), logit_scale=0.8), dtype=F64, name="logits")
+    head = tk.TiedEmbeddingHead(V, D, dtype=F64, softcap=float("inf"), backend=backend)
+    assert_close(head.loss(h, labels), R.linear_cross_entropy(h.detach(), head.weight.detach(), labels), dtype=F64,
+                 name="module loss")
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("nan"), -float("inf")])
+def test_softcap_out_of_range(backend, cap):
+    h, w, b, labels = _inputs()
+    for call in (lambda: tk.linear_cross_entropy(h, w, labels, softcap=cap, backend=backend),
+                 lambda: tk.logits(h, w, softcap=cap, backend=backend)):
+        with pytest.raises(tk.TiedKernelsError, match="softcap"):
+            call()
+
+
+# item 6: shift=True with T = 0 ------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_shift_with_empty_sequence(backend, reduction):
+    h = torch.randn(2, 0, D, dtype=F64, requires_grad=True)
+    w = torch.randn(V, D, dtype=F64, requires_grad=True)
+    labels = torch.zeros(2, 0, dtype=torch.long)
+    loss, lse = tk.linear_cross_entropy(h, w, labels, shift=True, reduction=reduction, return_lse=True,
+                                        backend=backend)
+    assert lse.shape == (2, 0)
+    if reduction == "none":
+        assert loss.shape == (2, 0)
+    else:
+        assert loss.shape == () and loss.item() == 0
+    dh, dw = torch.autograd.grad(loss, [h, w], torch.ones_like(loss))
+    assert dh.shape == h.shape and dw.shape == w.shape and torch.all(dw == 0)
+
+
+# item 7: num_items_in_batch as a number or a 1-element tensor; bad counts and option values -------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("num_items", [7, 7.5, torch.tensor(7), torch.tensor([7]), torch.tensor([7.5]),
+                                       torch.tensor([[7]], dtype=torch.int32)],
+                         ids=["int", "float", "tensor0d", "tensor1", "tensor1f", "tensor11i32"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_num_items_in_batch_forms(backend, num_items, reduction):
+    h, w, b, labels = _inputs()
+    labels[2] = -100
+    ref, rgrads = _lce_ref(h, w, labels, torch.tensor(1.3, dtype=F64), bias=b, reduction=reduction,
+                           num_items_in_batch=float(num_items))
+    loss = tk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, num_items_in_batch=num_items,
+                                   chunk_size=4, backend=backend)
+    assert loss.shape == ()
+    assert_close(loss, ref, dtype=F64, name="loss")
+    grads = torch.autograd.grad(loss, [h, w, b], torch.tensor(1.3, dtype=F64))
+    for name, a, r in zip(("dh", "dW", "db"), grads, rgrads):
+        assert_close(a, r, dtype=F64, name=name)
+    with torch.no_grad():
+        assert_close(tk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction,
+                                             num_items_in_batch=num_items, backend=backend), ref, dtype=F64,
+                     name="no-grad loss")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_num_items_in_batch_bad(backend):
+    h, w, b, labels = _inputs()
+    cases = {
+        "a [2] tensor": (torch.tensor([3, 3]), tk.TiedKernelsError, "(2,)"),
+        "an empty tensor": (torch.tensor([]), tk.TiedKernelsError, "(0,)"),
+        "a bool tensor": (torch.tensor(True), tk.TiedKernelsError, "bool"),
+        "zero": (0, tk.TiedKernelsError, "0"),
+        "negative": (-2, tk.TiedKernelsError, "-2"),
+        "NaN": (float("nan"), tk.TiedKernelsError, "nan"),
+        "inf": (float("inf"), tk.TiedKernelsError, "inf"),
+        "a string": ("7", TypeError, "str"),
+        "True": (True, TypeError, "bool"),
+    }
+    for what, (value, cls, text) in cases.items():
+        with pytest.raises(cls) as e:
+            tk.linear_cross_entropy(h, w, labels, reduction="sum", num_items_in_batch=value, backend=backend)
+        msg = str(e.value)
+        assert "num_items_in_batch" in msg and text in msg, f"{what}: {msg}"
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("option,value", [("z_loss", float("nan")), ("z_loss", float("inf")), ("z_loss", -0.1),
+                                          ("label_smoothing", float("nan")), ("label_smoothing", float("inf")),
+                                          ("label_smoothing", 1.5), ("logit_scale", float("nan")),
+                                          ("logit_scale", float("inf"))])
+def test_option_out_of_range(backend, option, value):
+    h, w, b, labels = _inputs()
+    with pytest.raises(tk.TiedKernelsError) as e:
+        tk.linear_cross_entropy(h, w, labels, backend=backend, **{option: value})
+    assert option in str(e.value)
+    if option == "logit_scale":
+        with pytest.raises(tk.TiedKernelsError, match=option):
+            tk.logits(h, w, logit_scale=value, backend=backend)
+
+
+# item 8: what is not a tensor, D = 0, V = 0, soft targets, nn.Embedding's options ------------------
+
+@pytest.mark.parametrize("backend", ALL)
+def test_not_a_tensor(backend):
+    h, w, b, labels = (x.detach() for x in _inputs())
+    cases = {
+        "hidden": [lambda v: tk.linear_cross_entropy(v, w, labels, backend=backend),
+                   lambda v: tk.logits(v, w, backend=backend)],
+        "weight": [lambda v: tk.linear_cross_entropy(h, v, labels, backend=backend),
+                   lambda v: tk.embedding(labels, v, backend=backend)],
+        "labels": [lambda v: tk.linear_cross_entropy(h, w, v, backend=backend)],
+        "ids": [lambda v: tk.embedding(v, w, backend=backend)],
+        "bias": [lambda v: tk.logits(h, w, bias=v, backend=backend),
+                 lambda v: tk.linear_cross_entropy(h, w, labels, bias=v, backend=backend)],
+    }
+    values = {"hidden": h, "weight": w, "labels": labels, "ids": labels, "bias": b}
+    for name, calls in cases.items():
+        for value in (values[name].numpy(), None, values[name].tolist()):
+            if value is None and name == "bias":
+                continue  # bias=None is no bias
+            for call in calls:
+                with pytest.raises(TypeError) as e:
+                    call(value)
+                assert name in str(e.value) and type(value).__name__ in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_zero_feature_dim(backend, reduction):
+    """D = 0: zero logits (plus the bias), as F.linear gives; without a bias the loss is log V."""
+    h = torch.randn(3, 4, 0, dtype=F64, requires_grad=True)
+    w = torch.randn(V, 0, dtype=F64, requires_grad=True)
+    b = torch.randn(V, dtype=F64, requires_grad=True)
+    labels = torch.randint(0, V, (3, 4))
+    g = torch.randn(3, 4, dtype=F64) if reduction == "none" else torch.tensor(1.2, dtype=F64)
+    loss = tk.linear_cross_entropy(h, w, labels, reduction=reduction, backend=backend)
+    assert_close(loss, torch.full_like(loss, math.log(V)) if reduction == "none" else
+                 torch.tensor(math.log(V), dtype=F64), dtype=F64, name="loss = log V")
+    loss = tk.linear_cross_entropy(h, w, labels, bias=b, reduction=reduction, label_smoothing=0.2, backend=backend)
+    ref, (rh, rw, rb) = _lce_ref(h, w, labels, g, bias=b, reduction=reduction, label_smoothing=0.2)
+    assert_close(loss, ref, dtype=F64, name="loss with bias")
+    dh, dw, db = torch.autograd.grad(loss, [h, w, b], g)
+    assert dh.shape == h.shape and dw.shape == w.shape
+    assert_close(db, rb, dtype=F64, name="db")
+    z = tk.logits(h, w, bias=b, backend=backend)
+    assert_close(z, b.detach().expand(3, 4, V), dtype=F64, name="logits")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_zero_classes(backend):
+    h, _, _, labels = _inputs()
+    w = torch.randn(0, D, dtype=F64, requires_grad=True)
+    for lab in (labels, torch.full((N,), -100), labels[:0]):
+        hh = h[: lab.shape[0]]
+        with pytest.raises(tk.TiedKernelsError) as e:
+            tk.linear_cross_entropy(hh, w, lab, backend=backend)
+        assert "V >= 1" in str(e.value) and "(0, 6)" in str(e.value)
+    z = tk.logits(h, w, backend=backend)  # F.linear gives [N, 0]: so do we
+    assert z.shape == (N, 0)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_soft_targets_and_k_dimensional_refused(backend):
+    h, w, b, labels = _inputs()
+    probs = torch.softmax(torch.randn(N, V, dtype=F64), -1)
+    with pytest.raises(tk.TiedKernelsError, match="probability \\(soft\\) targets"):
+        tk.linear_cross_entropy(h, w, probs, backend=backend)
+    with pytest.raises(tk.TiedKernelsError, match="K-dimensional"):
+        tk.linear_cross_entropy(h, torch.randn(V, 3, D, dtype=F64), labels, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("opts", [dict(max_norm=1.0), dict(max_norm=0.7, norm_type=1.0, padding_idx=2),
+                                  dict(scale_grad_by_freq=True), dict(sparse=True)],
+                         ids=["max_norm", "max_norm_l1_pad", "scale_grad_by_freq", "sparse"])
+def test_embedding_options_as_nn_embedding(backend, opts):
+    """nn.Embedding's options do what they do on a stock tied model (max_norm renormalizes the one
+    weight in place, so the head sees the renormalized rows)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    head = tk.TiedEmbeddingHead(V, D, dtype=F64, backend=backend, **opts)
+    stock = nn.Embedding(V, D, dtype=F64, **opts)
+    with torch.no_grad():
+        head.weight.mul_(2.0)
+        stock.weight.copy_(head.weight)
+    ids = torch.tensor([[1, 2, 2, 5], [7, 1, 2, 0]])
+    labels = torch.randint(0, V, (2, 4))
+    loss = head.loss(torch.tanh(head(ids) * 1.3), labels)
+    loss.backward()
+    ref = F.cross_entropy(F.linear(torch.tanh(stock(ids) * 1.3), stock.weight).reshape(-1, V), labels.reshape(-1))
+    ref.backward()
+    assert torch.equal(head.weight.detach(), stock.weight.detach()), "the weights differ after the lookup"
+    assert_close(loss, ref, dtype=F64, name="loss")
+    assert_close(head.weight.grad.to_dense(), stock.weight.grad.to_dense(), dtype=F64, name="dW")
+    for k, v in opts.items():
+        assert getattr(head, k) == v
+
+
+def test_embedding_options_vocab_parallel_refused():
+    from tiedkernels.distributed import VocabParallelTiedEmbeddingHead
+
+    for k, v in (("max_norm", 1.0), ("scale_grad_by_freq", True), ("sparse", True)):
+        with pytest.raises(NotImplementedError, match=k):
+            VocabParallelTiedEmbeddingHead(V, D, **{k: v})
+
+
+# item 11: autocast, as the stock head computes it -------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_autocast_like_stock(backend, reduction):
+    """Under torch.autocast (CPU, bf16) the projection runs in bf16 as F.linear does and the softmax in
+    fp32 as F.cross_entropy does: the same as calling with bf16 inputs, on every backend; the loss is
+    fp32 and the fp32 parameters get fp32 gradients."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(5)
+    n, d, v = 37, 32, 123
+    h = torch.randn(n, d, requires_grad=True)
+    w = (torch.randn(v, d) * 0.3).requires_grad_()
+    b = torch.randn(v, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    labels[3] = -100
+    opts = dict(reduction=reduction, label_smoothing=0.1, softcap=5.0)
+    g = torch.randn(n) if reduction == "none" else torch.tensor(1.4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = tk.linear_cross_entropy(h, w, labels, bias=b, backend=backend, chunk_size=8, **opts)
+        z = tk.logits(h, w, bias=b, softcap=5.0, backend=backend)
+        zs = F.linear(h, w, b)
+        stock = F.cross_entropy(torch.tanh(zs / 5.0) * 5.0, labels, reduction=reduction, label_smoothing=0.1)
+    assert loss.dtype == F32 and z.dtype == torch.bfloat16 and zs.dtype == torch.bfloat16
+    grads = torch.autograd.grad(loss, [h, w, b], g)
+    assert all(x.dtype == F32 for x in grads)
+    # the same as the bf16 call outside autocast
+    hb, wb, bb = (x.detach().bfloat16().requires_grad_() for x in (h, w, b))
+    lb = tk.linear_cross_entropy(hb, wb, labels, bias=bb, backend=backend, chunk_size=8, **opts)
+    torch.testing.assert_close(loss, lb, rtol=0, atol=0)
+    gb = torch.autograd.grad(lb, [hb, wb, bb], g)
+    for name, a, r in zip(("dh", "dW", "db"), grads, gb):
+        torch.testing.assert_close(a, r.float(), rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(z, tk.logits(hb, wb, bias=bb, softcap=5.0, backend=backend), rtol=0, atol=0)
+    # and within the bf16 rule of the stock head's result (fp64 reference on the bf16-rounded inputs)
+    ref64, rgrads = _lce_ref(hb, wb, labels, g, bias=bb, **opts)
+    sgrads = torch.autograd.grad(stock, [h, w, b], g)
+    if reduction == "none":
+        assert_close(loss, ref64, stock, dtype=torch.bfloat16, name="loss vs stock")
+    else:
+        tok_err = float((R.linear_cross_entropy(hb.detach(), wb.detach(), labels, bias=bb.detach(),
+                                                reduction="none", label_smoothing=0.1, softcap=5.0).double()
+                         - R.linear_cross_entropy(hb.detach(), wb.detach(), labels, bias=bb.detach(),
+                                                  reduction="none", label_smoothing=0.1, softcap=5.0,
+                                                  upcast=True)).abs().sum()) / (n - 1)
+        assert_close(loss, ref64, dtype=torch.bfloat16, base=(tok_err, tok_err), name="loss vs stock")
+    for name, a, s, r in zip(("dh", "dW", "db"), grads, sgrads, rgrads):
+        assert_close(a, r, s, dtype=torch.bfloat16, name=name)
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_autocast_module_tied(backend):
+    """The module under autocast: embedding in fp32 (as nn.Embedding), head in bf16, one fp32 gradient."""
+    head = tk.TiedEmbeddingHead(V, D, backend=backend)
+    ids = torch.randint(0, V, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = head(ids)
+        loss = head.loss(torch.tanh(x), ids, shift=True)
+    assert x.dtype == F32 and loss.dtype == F32
+    loss.backward()
+    # the same computation spelled out: fp32 lookup, the head's inputs cast to bf16, autograd's own sum
+    w = head.weight.detach().clone().requires_grad_()
+    ref = tk.linear_cross_entropy(torch.tanh(tk.embedding(ids, w, backend=backend)).bfloat16(), w.bfloat16(), ids,
+                                  shift=True, backend=backend)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    assert head.weight.grad.dtype == F32
+    assert_close(head.weight.grad, w.grad, dtype=F32, name="dW")

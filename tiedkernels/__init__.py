@@ -3,7 +3,7 @@
 from . import _ext
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd of every backend)
 from . import triton as _triton  # noqa: F401  (registers the Triton backend; Triton itself loads on first use)
-from .functional import embedding, linear_cross_entropy, logits
+from .functional import TiedKernelsError, embedding, linear_cross_entropy, logits
 from .module import TiedEmbeddingHead, TiedOutputEmbedding
 def inspect_ties(model, **kw): from .hf import inspect_ties as f; return f(model, **kw)  # noqa: E302,E704 (lazy)
 
@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "TiedEmbeddingHead",
+    "TiedKernelsError",
     "TiedOutputEmbedding",
     "embedding",
     "linear_cross_entropy",

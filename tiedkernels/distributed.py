@@ -69,7 +69,7 @@ def _as_group(process_group):
         DeviceMesh = ()
     if isinstance(process_group, DeviceMesh):
         if process_group.ndim != 1:
-            raise ValueError(f"tiedkernels: a vocabulary-parallel mesh must be 1-D, got {process_group.ndim} dims; "
+            raise tkf.TiedKernelsError(f"tiedkernels: a vocabulary-parallel mesh must be 1-D, got {process_group.ndim} dims; "
                              "pass mesh[<tensor-parallel dim name>]")
         return process_group.get_group()
     return process_group
@@ -86,7 +86,7 @@ def _rank(group):
 def shard_rows(vocab_size, world_size, pad_to_multiple_of=1):
     """Rows of ``W`` each rank holds: ``ceil(V / P)`` rounded up to a multiple of ``pad_to_multiple_of``."""
     if vocab_size <= 0 or world_size <= 0 or pad_to_multiple_of <= 0:
-        raise ValueError(f"tiedkernels: need V, P, m > 0, got V={vocab_size}, P={world_size}, m={pad_to_multiple_of}")
+        raise tkf.TiedKernelsError(f"tiedkernels: need V, P, m > 0, got V={vocab_size}, P={world_size}, m={pad_to_multiple_of}")
     m = int(pad_to_multiple_of)
     return m * math.ceil(vocab_size / (m * world_size))
 
@@ -105,14 +105,14 @@ def _dtensor_shard(weight, what="weight"):
 
     mesh = weight.device_mesh
     if mesh.ndim != 1 or tuple(weight.placements) != (Shard(0),):
-        raise ValueError(f"tiedkernels: a DTensor {what} must be Shard(0) on a 1-D mesh, got placements "
+        raise tkf.TiedKernelsError(f"tiedkernels: a DTensor {what} must be Shard(0) on a 1-D mesh, got placements "
                          f"{tuple(weight.placements)} on a {mesh.ndim}-D mesh")
     v = weight.shape[0]
     p, r = mesh.size(), mesh.get_local_rank()
     start, stop = shard_range(v, r, p)
     local = weight.to_local()
     if local.shape[0] != stop - start:
-        raise ValueError(f"tiedkernels: the DTensor {what}'s local shard has {local.shape[0]} rows but the Shard(0) "
+        raise tkf.TiedKernelsError(f"tiedkernels: the DTensor {what}'s local shard has {local.shape[0]} rows but the Shard(0) "
                          f"layout gives rank {r} rows [{start}, {stop})")
     return local, start, v, mesh.get_group()
 
@@ -137,7 +137,7 @@ def _scatter_dim(x, dim, group, reduce_dtype=None):
     """Reduce-scatter (SUM) along ``dim`` (in ``reduce_dtype`` when given)."""
     p = _world(group)
     if x.shape[dim] % p:
-        raise ValueError(f"tiedkernels: sequence parallelism splits dim {dim} of shape {tuple(x.shape)} over {p} "
+        raise tkf.TiedKernelsError(f"tiedkernels: sequence parallelism splits dim {dim} of shape {tuple(x.shape)} over {p} "
                          "ranks: it must divide evenly")
     dt = x.dtype
     xm = _moved(x if reduce_dtype is None else x.to(reduce_dtype), dim)
@@ -259,9 +259,9 @@ def _reduce_embedding(out, group, sequence_parallel, seq_dim):
 
 def _norm_seq_dim(sequence_dim, ndim):
     if ndim == 0:
-        raise ValueError("tiedkernels: sequence parallelism needs ids/labels with at least one dimension")
+        raise tkf.TiedKernelsError("tiedkernels: sequence parallelism needs ids/labels with at least one dimension")
     if not -ndim <= sequence_dim < ndim:
-        raise ValueError(f"tiedkernels: sequence_dim {sequence_dim} is outside the {ndim} dims of ids/labels")
+        raise tkf.TiedKernelsError(f"tiedkernels: sequence_dim {sequence_dim} is outside the {ndim} dims of ids/labels")
     return sequence_dim % ndim
 
 
@@ -283,10 +283,10 @@ def vocab_parallel_embedding(ids, weight_shard, *, vocab_start=None, vocab_size=
     tkf.check_weight(weight_shard, "weight_shard")
     tkf.check_index_dtype(ids, "ids")
     if ids.device != weight_shard.device:
-        raise ValueError(f"tiedkernels: ids are on {ids.device} but weight_shard on {weight_shard.device}")
+        raise tkf.TiedKernelsError(f"tiedkernels: ids are on {ids.device} but weight_shard on {weight_shard.device}")
     if vocab_start is None:
         if group is not None:
-            raise ValueError("tiedkernels: vocab_start is required with a process_group (the first global row of "
+            raise tkf.TiedKernelsError("tiedkernels: vocab_start is required with a process_group (the first global row of "
                              "weight_shard)")
         vocab_start = 0
     vl = weight_shard.shape[0]
@@ -301,7 +301,7 @@ def vocab_parallel_embedding(ids, weight_shard, *, vocab_start=None, vocab_size=
     else:
         # Without the global V only negative ids can be caught here; ids past every shard read zeros.
         if padding_idx is not None and padding_idx < 0:
-            raise ValueError("tiedkernels: a negative padding_idx needs vocab_size")
+            raise tkf.TiedKernelsError("tiedkernels: a negative padding_idx needs vocab_size")
         _check_ids_range(ids, None)
         valid = vl
     seq_dim = _norm_seq_dim(sequence_dim, ids.dim()) if sequence_parallel else None
@@ -410,45 +410,49 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
     tkf.check_weight(weight_shard, "weight_shard")
     if vocab_start is None:
         if group is not None:
-            raise ValueError("tiedkernels: vocab_start is required with a process_group (the first global row of "
+            raise tkf.TiedKernelsError("tiedkernels: vocab_start is required with a process_group (the first global row of "
                              "weight_shard)")
         vocab_start = 0
     if vocab_size is None:
         if group is not None:
-            raise ValueError("tiedkernels: vocab_size (the global, unpadded V) is required with a process_group")
+            raise tkf.TiedKernelsError("tiedkernels: vocab_size (the global, unpadded V) is required with a process_group")
         vocab_size = vocab_start + weight_shard.shape[0]
     vocab_size = int(vocab_size)
     if not 0 <= vocab_start:
-        raise ValueError(f"tiedkernels: vocab_start must be >= 0, got {vocab_start}")
+        raise tkf.TiedKernelsError(f"tiedkernels: vocab_start must be >= 0, got {vocab_start}")
     if sequence_parallel and not reduce_grad_input:
-        raise ValueError("tiedkernels: with sequence_parallel the gathered hidden states' gradient is reduce-scattered "
+        raise tkf.TiedKernelsError("tiedkernels: with sequence_parallel the gathered hidden states' gradient is reduce-scattered "
                          "here; reduce_grad_input=False has no meaning")
     tkf.check_index_dtype(labels, "labels")
     if sequence_parallel and p > 1:
         if hidden.dim() != labels.dim() + 1:
-            raise ValueError(f"tiedkernels: hidden has shape {tuple(hidden.shape)} and labels {tuple(labels.shape)}: "
+            raise tkf.TiedKernelsError(f"tiedkernels: hidden has shape {tuple(hidden.shape)} and labels {tuple(labels.shape)}: "
                              "hidden must be labels' shape (sliced along sequence_dim) plus D")
         hidden = _GatherForward.apply(hidden, _norm_seq_dim(sequence_dim, labels.dim()), group)
-    tkf.check_hidden(hidden, weight_shard)
-    tkf.check_bias(bias, weight_shard)
+    hidden, weight_shard, bias = tkf.autocast_inputs(hidden, weight_shard, bias)
+    tkf.check_hidden(hidden, weight_shard, "weight_shard")
+    tkf.check_bias(bias, weight_shard, "weight_shard")
     what = " (after gathering the sequence-parallel slices)" if sequence_parallel and p > 1 else ""
     tkf.check_loss_options(hidden, labels, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                            num_items_in_batch=num_items_in_batch, shift=shift, context=what)
     cap = tkf._softcap_value(softcap)
+    lscale = tkf._logit_scale_value(logit_scale)
+    hidden, weight_shard = tkf._nonempty_dim(hidden, weight_shard)
     d = weight_shard.shape[1]
     lab = tkf.shift_labels(labels, ignore_index) if shift else labels
-    h2 = hidden.reshape(-1, d)
+    h2 = hidden.reshape(labels.numel(), d)
     lab = lab.reshape(-1)
     n = h2.shape[0]
     b = backends.resolve(backend, weight_shard.device)
     cfg = _Config()
     cfg.op_stats, cfg.op_bwd = b.op("lce_stats"), b.op("lce_bwd")
-    cfg.opts = (int(ignore_index), cap, float(logit_scale), int(vocab_start), vocab_size,
+    cfg.opts = (int(ignore_index), cap, lscale, int(vocab_start), vocab_size,
                 tkf.chunk_rows(n, weight_shard.shape[0], chunk_size))
     # With sequence parallelism the gather's backward reduce-scatters dh: no all-reduce here.
     cfg.group, cfg.reduce_dh = group, bool(reduce_grad_input) and not (sequence_parallel and p > 1)
     cfg.eps, cfg.z_loss, cfg.vocab_size = float(label_smoothing), float(z_loss), vocab_size
-    tok, lse = _VocabParallelLCE.apply(h2, weight_shard, bias, lab, cfg)
+    with tkf.no_autocast(weight_shard.device):
+        tok, lse = _VocabParallelLCE.apply(h2, weight_shard, bias, lab, cfg)
     denom = tkf.loss_denominator(lab, reduction, ignore_index, num_items_in_batch, tok.dtype)
     loss = tkf.reduce_tokens(tok, labels.shape, reduction, denom, shift)
     return tkf.finish(loss, lse, labels.shape, shift, return_lse)
@@ -478,10 +482,17 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
 
     def __init__(self, num_embeddings, embedding_dim, *, process_group=None, device_mesh=None, padding_idx=None,
                  bias=False, device=None, dtype=None, backend="auto", logit_scale=1.0, softcap=None,
-                 pad_to_multiple_of=1, sequence_parallel=False, sequence_dim=-1, _weight=None, _freeze=False):
+                 pad_to_multiple_of=1, sequence_parallel=False, sequence_dim=-1, _weight=None, _freeze=False,
+                 max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False):
         nn.Module.__init__(self)
+        for name, value, default in (("max_norm", max_norm, None), ("scale_grad_by_freq", scale_grad_by_freq, False),
+                                     ("sparse", sparse, False)):
+            if value != default:
+                raise NotImplementedError(f"tiedkernels: {name}={value!r} is not supported by the vocabulary-parallel "
+                                          "head (nn.Embedding's option would act on this rank's rows only); "
+                                          "leave it at its default")
         if process_group is not None and device_mesh is not None:
-            raise ValueError("tiedkernels: pass process_group or device_mesh, not both")
+            raise tkf.TiedKernelsError("tiedkernels: pass process_group or device_mesh, not both")
         group = _as_group(device_mesh if device_mesh is not None else process_group)
         if group is None and _is_dtensor(_weight):
             group = _weight.device_mesh.get_group() if _weight.device_mesh.ndim == 1 else None
@@ -492,7 +503,7 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
         self.process_group = group
         self.num_embeddings, self.embedding_dim = v, d
         self.padding_idx = tkf.normalize_padding_idx(padding_idx, v)
-        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, 2.0, False, False
+        self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse = None, float(norm_type), False, False
         self.backend, self.logit_scale, self.softcap = backend, logit_scale, softcap
         self.pad_to_multiple_of = int(pad_to_multiple_of)
         self.sequence_parallel, self.sequence_dim = bool(sequence_parallel), sequence_dim
@@ -529,7 +540,7 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
             return local
         if _is_dtensor(full):
             if tuple(full.shape) != tuple(shape):
-                raise ValueError(f"tiedkernels: DTensor weight has global shape {tuple(full.shape)}, expected "
+                raise tkf.TiedKernelsError(f"tiedkernels: DTensor weight has global shape {tuple(full.shape)}, expected "
                                  f"{tuple(shape)}")
             from torch.distributed.tensor import Shard
             if (full.device_mesh.ndim == 1 and tuple(full.placements) == (Shard(0),)
@@ -542,7 +553,7 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
         elif tuple(full.shape[1:]) == tuple(shape[1:]) and full.shape[0] in (rows, stop - start):
             part = full[: stop - start]
         else:
-            raise ValueError(f"tiedkernels: _weight has shape {tuple(full.shape)}; expected the full "
+            raise tkf.TiedKernelsError(f"tiedkernels: _weight has shape {tuple(full.shape)}; expected the full "
                              f"{tuple(shape)} or this rank's shard ({rows} or {stop - start} rows)")
         part = part.detach()
         local = part.new_zeros((rows, *shape[1:]), device=device, dtype=dtype)
@@ -552,6 +563,7 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
     # -- the embedding ------------------------------------------------------------------
     def embed(self, ids):
         tkf.check_index_dtype(ids, "ids")
+        tkf.check_device(ids, "ids", self.weight)
         _check_ids_range(ids, self.num_embeddings)
         seq_dim = _norm_seq_dim(self.sequence_dim, ids.dim()) if self.sequence_parallel else None
         out = _local_embed(ids, self.weight, self.vocab_start, self.vocab_stop - self.vocab_start, self.padding_idx,
@@ -692,7 +704,7 @@ class PipelineTie:
 
     def __init__(self, weight, tie_group, *, src):
         if dist.get_world_size(tie_group) != 2:
-            raise ValueError(f"tiedkernels: a pipeline tie group has two ranks, this one has "
+            raise tkf.TiedKernelsError(f"tiedkernels: a pipeline tie group has two ranks, this one has "
                              f"{dist.get_world_size(tie_group)}")
         self.weight = weight
         self.group = tie_group

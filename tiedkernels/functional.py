@@ -1,5 +1,8 @@
 """The public functions: embedding lookup, logits projection, fused linear + cross-entropy."""
 
+import contextlib
+import math
+import numbers
 import os
 
 import torch
@@ -11,50 +14,78 @@ DEFAULT_CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 128
 
 
+class TiedKernelsError(ValueError, RuntimeError):
+    """A bad argument: a shape, dtype, device or option value the ops cannot take.
+
+    Both a ``ValueError`` and a ``RuntimeError``: code written against PyTorch (which raises
+    ``RuntimeError`` for shape and device mismatches) and code catching ``ValueError`` both see it.
+    Out-of-range ids and labels raise ``IndexError``, as ``F.embedding`` does on the CPU."""
+
+
 def _is_int(t):
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def _require_tensor(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"tiedkernels: {name} must be a torch.Tensor, got {type(t).__module__}.{type(t).__name__}"
+                        + (" (convert it with torch.as_tensor)" if hasattr(t, "__array__") else ""))
+
+
+def check_device(t, name, weight, weight_name="weight"):
+    """Every tensor argument lives on the weight's device (a tensor elsewhere, `meta` included, would
+    let a kernel read memory that is not there)."""
+    if t.device != weight.device:
+        raise TiedKernelsError(f"tiedkernels: {name} is on {t.device} but {weight_name} is on {weight.device}; "
+                               f"move {name} to {weight.device}")
+
+
 def check_weight(weight, name="weight"):
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"tiedkernels: {name} must be a tensor, got {type(weight).__name__}")
+    _require_tensor(weight, name)
     if weight.dim() != 2:
-        raise ValueError(f"tiedkernels: {name} must be [V, D], got shape {tuple(weight.shape)}")
+        kdim = (" (PyTorch's K-dimensional form, a weight [C, d1, ..., dK, D], is not supported: flatten the "
+                "class dimensions into V)") if weight.dim() > 2 else ""
+        raise TiedKernelsError(f"tiedkernels: {name} must be [V, D], got shape {tuple(weight.shape)}{kdim}")
     if not weight.is_floating_point():
-        raise ValueError(f"tiedkernels: {name} must be floating point, got {weight.dtype}")
+        raise TiedKernelsError(f"tiedkernels: {name} must be floating point, got {weight.dtype}")
 
 
-def check_hidden(hidden, weight):
+def check_hidden(hidden, weight, weight_name="weight"):
+    _require_tensor(hidden, "hidden")
     if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"tiedkernels: hidden has shape {tuple(hidden.shape)} but weight {tuple(weight.shape)}: "
-                         "the last dimension of hidden must equal D")
+        raise TiedKernelsError(f"tiedkernels: hidden has shape {tuple(hidden.shape)} but {weight_name} "
+                               f"{tuple(weight.shape)}: the last dimension of hidden must equal D")
+    check_device(hidden, "hidden", weight, weight_name)
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"tiedkernels: hidden is {hidden.dtype} but weight is {weight.dtype}; cast one of them")
-    if hidden.device != weight.device:
-        raise ValueError(f"tiedkernels: hidden is on {hidden.device} but weight on {weight.device}")
+        raise TiedKernelsError(f"tiedkernels: hidden is {hidden.dtype} but {weight_name} is {weight.dtype}; "
+                               "cast one of them")
 
 
-def check_bias(bias, weight):
+def check_bias(bias, weight, weight_name="weight"):
     if bias is None:
         return
+    _require_tensor(bias, "bias")
+    check_device(bias, "bias", weight, weight_name)
     if bias.shape != (weight.shape[0],):
-        raise ValueError(f"tiedkernels: bias has shape {tuple(bias.shape)} but weight {tuple(weight.shape)}: "
-                         "bias must be [V]")
+        raise TiedKernelsError(f"tiedkernels: bias has shape {tuple(bias.shape)} but {weight_name} "
+                               f"{tuple(weight.shape)}: bias must be [V]")
     if bias.dtype != weight.dtype:
-        raise ValueError(f"tiedkernels: bias is {bias.dtype} but weight is {weight.dtype}")
+        raise TiedKernelsError(f"tiedkernels: bias is {bias.dtype} but {weight_name} is {weight.dtype}")
 
 
 def check_index_dtype(t, name):
-    if not isinstance(t, torch.Tensor) or not _is_int(t):
-        what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"tiedkernels: {name} must be an integer tensor (int64 or int32), got {what}")
+    _require_tensor(t, name)
+    if not _is_int(t):
+        soft = ("; probability (soft) targets, floating labels [*, V], are not supported: pass class indices"
+                if name == "labels" and t.is_floating_point() else "")
+        raise TiedKernelsError(f"tiedkernels: {name} must be an integer tensor (int64 or int32), got {t.dtype}{soft}")
 
 
 def normalize_padding_idx(padding_idx, num_embeddings):
     if padding_idx is None:
         return None
     if not -num_embeddings <= padding_idx < num_embeddings:
-        raise ValueError(f"tiedkernels: padding_idx {padding_idx} is outside [-V, V) for V={num_embeddings}")
+        raise TiedKernelsError(f"tiedkernels: padding_idx {padding_idx} is outside [-V, V) for V={num_embeddings}")
     return padding_idx + num_embeddings if padding_idx < 0 else padding_idx
 
 
@@ -68,7 +99,7 @@ def chunk_rows(n, v, chunk_size=None, d=None, itemsize=4, dw=False):
     if chunk_size is not None:
         chunk_size = int(chunk_size)
         if chunk_size <= 0:
-            raise ValueError(f"tiedkernels: chunk_size must be a positive number of rows, got {chunk_size}")
+            raise TiedKernelsError(f"tiedkernels: chunk_size must be a positive number of rows, got {chunk_size}")
         return chunk_size
     env = os.environ.get("TIEDKERNELS_CHUNK_BYTES")
     if env is not None or d is None:
@@ -85,8 +116,7 @@ def embedding(ids, weight, *, padding_idx=None, backend="auto"):
     """``weight[ids]``: ids ``[*]`` (int64 or int32) -> ``[*, D]``. Rows at ``padding_idx`` get no gradient."""
     check_weight(weight)
     check_index_dtype(ids, "ids")
-    if ids.device != weight.device:
-        raise ValueError(f"tiedkernels: ids are on {ids.device} but weight on {weight.device}")
+    check_device(ids, "ids", weight)
     pad = normalize_padding_idx(padding_idx, weight.shape[0])
     b = backends.resolve(backend, weight.device)
     return b.op("embedding_fwd")(weight, ids, pad)
@@ -95,24 +125,92 @@ def embedding(ids, weight, *, padding_idx=None, backend="auto"):
 def logits(hidden, weight, *, bias=None, logit_scale=1.0, softcap=None, backend="auto"):
     """``softcap((hidden @ weight.T + bias) * logit_scale)``: ``[*, D] -> [*, V]``."""
     check_weight(weight)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_hidden(hidden, weight)
     check_bias(bias, weight)
     cap = _softcap_value(softcap)
+    scale = _logit_scale_value(logit_scale)
     b = backends.resolve(backend, weight.device)
-    return b.op("logits_fwd")(hidden, weight, bias, float(logit_scale), cap)
+    hidden2, weight2 = _nonempty_dim(hidden, weight)
+    with no_autocast(weight.device):
+        return b.op("logits_fwd")(hidden2, weight2, bias, scale, cap)
 
 
 def _softcap_value(softcap):
+    """The cap for the kernels: 0.0 means none. ``inf`` is the limit c * tanh(z / c) -> z: no cap."""
     if softcap is None:
         return 0.0
-    cap = float(softcap)
+    cap = _real(softcap, "softcap")
+    if math.isinf(cap) and cap > 0:
+        return 0.0
     if not cap > 0:
-        raise ValueError(f"tiedkernels: softcap must be positive or None, got {softcap}")
+        raise TiedKernelsError(f"tiedkernels: softcap must be positive (or None, or inf: no cap), got {softcap}")
     return cap
 
 
+def _real(x, name):
+    """A Python real number (a 1-element tensor is read on the host: options are not hot-path data)."""
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"tiedkernels: {name} must be a real number, got {type(x).__name__}")
+    return float(x)
+
+
+def _logit_scale_value(logit_scale):
+    scale = _real(logit_scale, "logit_scale")
+    if not math.isfinite(scale):
+        raise TiedKernelsError(f"tiedkernels: logit_scale must be finite, got {logit_scale}")
+    return scale
+
+
+def _nonempty_dim(hidden, weight):
+    """D = 0: F.linear gives zero logits; the kernels get one zero column instead of none (the
+    gradients of the empty hidden and weight flow back through the concatenation, empty)."""
+    if weight.shape[1] != 0:
+        return hidden, weight
+    return (torch.cat([hidden, hidden.new_zeros((*hidden.shape[:-1], 1))], -1),
+            torch.cat([weight, weight.new_zeros((weight.shape[0], 1))], -1))
+
+
+def _autocast_dtype(device):
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except (RuntimeError, ValueError, TypeError):  # a device type autocast does not know (meta, ...)
+        pass
+    return None
+
+
+def autocast_inputs(hidden, weight, bias=None):
+    """Under ``torch.autocast`` the stock head's precision on every backend: the projection's floating
+    inputs are cast to the autocast dtype, as ``F.linear`` is (fp64 is left alone, as autocast does); the
+    softmax and the loss then run in fp32, as ``F.cross_entropy`` does under autocast.  Outside
+    autocast, the inputs unchanged."""
+    dtype = _autocast_dtype(weight.device) if isinstance(weight, torch.Tensor) else None
+    if dtype is None:
+        return hidden, weight, bias
+
+    def cast(t):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype not in (torch.float64, dtype):
+            return t.to(dtype)
+        return t
+
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def no_autocast(device):
+    """The ops run on the dtypes ``autocast_inputs`` chose; autocast must not recast inside them."""
+    if _autocast_dtype(device) is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def shift_labels(labels, ignore_index):
-    """labels[..., 1:] padded with one ignore_index at the end: position t is scored on token t+1."""
+    """labels[..., 1:] padded with one ignore_index at the end: position t is scored on token t+1.
+    T = 0 stays empty."""
+    if labels.shape[-1] == 0:
+        return labels
     pad = labels.new_full((*labels.shape[:-1], 1), ignore_index)
     return torch.cat([labels[..., 1:], pad], dim=-1)
 
@@ -121,21 +219,54 @@ def check_loss_options(hidden, labels, *, reduction, label_smoothing, z_loss, nu
                        context=""):
     """The checks every cross-entropy entry point shares (labels vs hidden, option ranges)."""
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"tiedkernels: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}"
+        raise TiedKernelsError(f"tiedkernels: labels have shape {tuple(labels.shape)} but hidden {tuple(hidden.shape)}"
                          f"{context}: labels must match hidden without its last dimension")
-    if labels.device != hidden.device:
-        raise ValueError(f"tiedkernels: labels are on {labels.device} but hidden on {hidden.device}")
+    check_device(labels, "labels", hidden, "hidden")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"tiedkernels: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"tiedkernels: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if float(z_loss) < 0:
-        raise ValueError(f"tiedkernels: z_loss must be >= 0, got {z_loss}")
+        raise TiedKernelsError(f"tiedkernels: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= _real(label_smoothing, "label_smoothing") <= 1.0:
+        raise TiedKernelsError(f"tiedkernels: label_smoothing must be in [0, 1], got {label_smoothing}")
+    z = _real(z_loss, "z_loss")
+    if not (math.isfinite(z) and z >= 0):
+        raise TiedKernelsError(f"tiedkernels: z_loss must be finite and >= 0, got {z_loss}")
     if num_items_in_batch is not None and reduction == "none":
-        raise ValueError("tiedkernels: num_items_in_batch divides a summed loss; it has no meaning with "
-                         "reduction='none'")
+        raise TiedKernelsError("tiedkernels: num_items_in_batch divides a summed loss; it has no meaning with "
+                               "reduction='none'")
+    check_num_items(num_items_in_batch, hidden.device)
     if shift and hidden.dim() < 2:
-        raise ValueError("tiedkernels: shift=True needs a sequence dimension: hidden [..., T, D]")
+        raise TiedKernelsError("tiedkernels: shift=True needs a sequence dimension: hidden [..., T, D]")
+
+
+def check_num_items(num_items_in_batch, device):
+    """``num_items_in_batch``: None, a positive finite number, or a 1-element numeric tensor (``[]`` or
+    ``[1]``, as Hugging Face trainers pass it) on the loss's device or the CPU.  A tensor's value is not
+    checked: that would be a host sync in the hot path; it divides the summed loss as in PyTorch
+    (0 gives inf or NaN there too)."""
+    n = num_items_in_batch
+    if n is None:
+        return
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1:
+            raise TiedKernelsError(f"tiedkernels: num_items_in_batch must be a number or a 1-element tensor, got "
+                                   f"a tensor of shape {tuple(n.shape)}")
+        if n.dtype == torch.bool or n.is_complex():
+            raise TiedKernelsError(f"tiedkernels: num_items_in_batch must be a count (an integer or floating "
+                                   f"tensor), got {n.dtype}")
+        if n.device != device and n.device.type != "cpu":
+            raise TiedKernelsError(f"tiedkernels: num_items_in_batch is on {n.device} but the loss is on {device}; "
+                                   f"pass it on {device} or the CPU")
+        return
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"tiedkernels: num_items_in_batch must be a number or a 1-element tensor, got "
+                        f"{type(n).__name__}")
+    if not (math.isfinite(n) and n > 0):
+        raise TiedKernelsError(f"tiedkernels: num_items_in_batch must be a positive finite count, got {n}")
+
+
+def check_classes(weight):
+    if weight.shape[0] == 0:
+        raise TiedKernelsError(f"tiedkernels: weight has shape {tuple(weight.shape)}: cross-entropy needs at least "
+                               "one class (V >= 1)")
 
 
 def loss_denominator(labels_flat, reduction, ignore_index, num_items_in_batch, dtype):
@@ -143,7 +274,7 @@ def loss_denominator(labels_flat, reduction, ignore_index, num_items_in_batch, d
     if reduction == "none":
         return None
     if num_items_in_batch is not None:
-        return torch.as_tensor(num_items_in_batch, device=labels_flat.device).to(dtype)
+        return torch.as_tensor(num_items_in_batch).reshape(()).to(device=labels_flat.device, dtype=dtype)
     if reduction == "mean":
         return (labels_flat != ignore_index).sum().clamp(min=1).to(dtype)
     return None
@@ -175,31 +306,36 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     per-token logsumexp too when ``return_lse``. See the README for every option.
     """
     check_weight(weight)
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
     check_hidden(hidden, weight)
     check_bias(bias, weight)
     check_index_dtype(labels, "labels")
     check_loss_options(hidden, labels, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                        num_items_in_batch=num_items_in_batch, shift=shift)
+    check_classes(weight)
     cap = _softcap_value(softcap)
-    d = weight.shape[1]
+    lscale = _logit_scale_value(logit_scale)
     lab = shift_labels(labels, ignore_index) if shift else labels
-    h2 = hidden.reshape(-1, d)
+    n = labels.numel()
+    hidden, weight = _nonempty_dim(hidden, weight)
+    d = weight.shape[1]
+    h2 = hidden.reshape(n, d)
     lab = lab.reshape(-1)
-    n = h2.shape[0]
     b = backends.resolve(backend, weight.device)
     chunk = chunk_rows(n, weight.shape[0], chunk_size, d=d, itemsize=hidden.element_size(),
                        dw=weight.requires_grad and torch.is_grad_enabled() and reduction != "none"
                        and b.name == "cpu")
     # vocab_start=0, vocab_total=0: this weight is the whole vocabulary (the distributed loss shards it)
-    opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, float(logit_scale), 0, 0, chunk)
+    opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, lscale, 0, 0, chunk)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     sdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     denom = loss_denominator(lab, reduction, ignore_index, num_items_in_batch, sdt)
-    if reduction != "none" and torch.is_grad_enabled() and any(need):
-        # Gradient-in-forward: the scalar's gradients are computed in the same pass.
-        scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=sdt, device=hidden.device)
-        loss, lse, _, _, _ = b.op("lce_fwd")(h2, weight, bias, lab, scale, *opts, *need)
-    else:
-        tok, lse, _, _, _ = b.op("lce_fwd")(h2, weight, bias, lab, None, *opts, False, False, False)
-        loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
+    with no_autocast(weight.device):
+        if reduction != "none" and torch.is_grad_enabled() and any(need):
+            # Gradient-in-forward: the scalar's gradients are computed in the same pass.
+            scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=sdt, device=hidden.device)
+            loss, lse = b.op("lce_fwd")(h2, weight, bias, lab, scale, *opts, *need)[:2]
+        else:
+            tok, lse = b.op("lce_fwd")(h2, weight, bias, lab, None, *opts, False, False, False)[:2]
+            loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
     return finish(loss, lse, labels.shape, shift, return_lse)

@@ -29,10 +29,15 @@ class TiedEmbeddingHead(nn.Embedding):
                 cls = VocabParallelTiedEmbeddingHead
         return super().__new__(cls)
 
-    def __init__(self, num_embeddings, embedding_dim, *, padding_idx=None, bias=False, device=None, dtype=None,
-                 backend="auto", logit_scale=1.0, softcap=None, _weight=None, _freeze=False):
-        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device, dtype=dtype,
-                         _weight=_weight, _freeze=_freeze)
+    def __init__(self, num_embeddings, embedding_dim, *, padding_idx=None, max_norm=None, norm_type=2.0,
+                 scale_grad_by_freq=False, sparse=False, bias=False, device=None, dtype=None, backend="auto",
+                 logit_scale=1.0, softcap=None, _weight=None, _freeze=False):
+        # max_norm, norm_type, scale_grad_by_freq, sparse: nn.Embedding's own, with its semantics (embed
+        # defers to F.embedding; max_norm renormalizes the looked-up rows of the one weight in place, so
+        # the head sees them renormalized too, as a stock tied model does).
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, max_norm=max_norm,
+                         norm_type=norm_type, scale_grad_by_freq=scale_grad_by_freq, sparse=sparse, device=device,
+                         dtype=dtype, _weight=_weight, _freeze=_freeze)
         self.backend = backend
         self.logit_scale = logit_scale
         self.softcap = softcap
@@ -83,14 +88,15 @@ class TiedEmbeddingHead(nn.Embedding):
 
     def embed(self, ids):
         w = self.weight
+        tkf.check_weight(w)
+        tkf.check_index_dtype(ids, "ids")
+        tkf.check_device(ids, "ids", w)
         if self.max_norm is not None or self.scale_grad_by_freq or self.sparse:
             # Options only nn.Embedding implements: keep its exact semantics.
             return F.embedding(ids, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
                                self.sparse)
-        tkf.check_index_dtype(ids, "ids")
         if not _tie.usable(w):
             return tkf.embedding(ids, w, padding_idx=self.padding_idx, backend=self.backend)
-        tkf.check_weight(w)
         pad = tkf.normalize_padding_idx(self.padding_idx, w.shape[0])
         return _tie.embed(w, ids, pad, backends.resolve(self.backend, w.device))
 
