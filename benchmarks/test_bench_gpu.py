@@ -5,11 +5,13 @@ of the same shapes (h Wᵀ, dz W, dzᵀ h).
 
     .venv/bin/python -m pytest benchmarks/test_bench_gpu.py --benchmark-only
 
-Shapes: the Llama 3 8B head (N=8192, D=4096, V=128,256) and a small vocabulary (N=8192,
-D=2048, V=32,000), bf16.  Each case records in ``extra_info``: the median of CUDA-event
-timings (``cuda_ms``), the implied rate over 6·N·D·V flops (``tflops``) and the peak memory
-above the inputs (``peak_mib``).  Skipped by a marker without a GPU (evaluated at setup,
-never at import or collection).
+Shapes: the Llama 3 8B head (N=8192, D=4096, V=128,256) and the cost model's 32k shape
+(N=2048, D=2048, V=32,768), bf16: the two shapes of ``python -m tiedkernels gpu-report``
+that a run of ``make gpu-check`` (about two minutes for this file) can afford.  Each case records
+in ``extra_info``: the shape, the median of CUDA-event timings (``cuda_ms``), the implied rate
+over 6·N·D·V flops (``tflops``), the peak memory above the inputs (``peak_mib``) and, for the
+cuda and triton backends, the cost model's roofline at this GPU's SM count (``roofline_ms``).
+Skipped by a marker without a GPU (evaluated at setup, never at import or collection).
 """
 
 import statistics
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a
 
 SHAPES = {
     "llama3-8b": (8192, 4096, 128_256),
-    "small-vocab": (8192, 2048, 32_000),
+    "32k": (2048, 2048, 32_768),
 }
 ROUNDS = 10
 
@@ -54,6 +56,7 @@ def _run(benchmark, shape, provider, step):
     n, d, v = SHAPES[shape]
     benchmark.group = f"gpu lce fwd+bwd {shape} N={n} D={d} V={v} bf16"
     benchmark.extra_info["provider"] = provider
+    benchmark.extra_info["shape"] = shape
     for _ in range(2):  # warm-up: compilation, autotuning, allocator
         step()
     torch.cuda.synchronize()
@@ -73,12 +76,32 @@ def _run(benchmark, shape, provider, step):
     benchmark.extra_info["tflops"] = round(6 * n * d * v / (ms * 1e-3) / 1e12, 1)
     benchmark.extra_info["peak_mib"] = round(peak / 2**20, 1)
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
+    benchmark.extra_info["roofline_ms"] = _roofline_ms(provider, n, d, v)
 
     def timed():
         step()
         torch.cuda.synchronize()
 
     benchmark.pedantic(timed, rounds=3, iterations=1)
+
+
+def _roofline_ms(provider, n, d, v):
+    """The cost model's H100 roofline for the tiedkernels backends, planned for this GPU's SMs."""
+    if provider not in ("cuda", "triton"):
+        return None
+    from tiedkernels import gpu_report
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if provider == "cuda":
+        launches = gpu_report.cuda_launches(n, d, v, "bf16", sms=sms)
+    else:
+        plan, why = gpu_report.triton_plan()
+        if plan is None:
+            return None
+        launches = plan.launches(n, d, v, "bf16", sms=sms)
+    flops = sum(x["flops"] for x in launches)
+    nbytes = sum(x["hbm_bytes"] + x["atomic_bytes"] for x in launches)
+    return round(gpu_report.roofline_ms(flops, nbytes), 3)
 
 
 def _fused_step(fn, h, w):
