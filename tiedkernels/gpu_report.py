@@ -419,8 +419,13 @@ def roofline_ms(flops, nbytes, peak=PEAK_FLOPS, bw=HBM_BW):
 def build_report(shapes=SHAPES, dtype="bf16", sms=H100_SMS, backends=("cuda", "triton"), table_path=TABLE_PATH):
     kernels, entries, notes = [], [], []
     if "cuda" in backends:
-        table = load_cuda_table(table_path)
-        if table["sources_sha256"] != sources_sha256():
+        try:
+            table = load_cuda_table(table_path)
+        except OSError as exc:
+            table = {"kernels": [], "sources_sha256": None}
+            notes.append(f"cuda: no resource table ({exc.strerror}: {table_path}); `make cuda-check` writes it")
+        if table["sources_sha256"] is not None and os.path.isdir(os.path.join(ROOT, "csrc")) \
+                and table["sources_sha256"] != sources_sha256():
             notes.append(f"cuda: {os.path.relpath(table_path, ROOT)} was built from other sources than "
                          "csrc/cuda now holds; run `make cuda-check` to refresh it")
         for r in table["kernels"]:
