@@ -218,6 +218,11 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
 }
 
 namespace {
+void not_yet(const char* option, bool used) {
+  TORCH_CHECK_NOT_IMPLEMENTED(!used, "tiedkernels: ", option, " is not implemented in the compiled kernels yet; use "
+                              "backend='torch'");
+}
+
 LossOptions make_options(int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
                          double logit_scale, int64_t vocab_start, int64_t vocab_total, int64_t v_local) {
   LossOptions o;
@@ -235,23 +240,30 @@ LossOptions make_options(int64_t ignore_index, double label_smoothing, double z_
 }
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_entry(
-    RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
-    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+FwdResult lce_fwd_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& labels,
+                        const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+                        double z_loss, double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
+                        int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+                        const c10::optional<at::Tensor>& class_weight, bool return_stats) {
+  not_yet("class_weight", class_weight.has_value());
+  not_yet("return_stats", return_stats);
   const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
                               vocab_total, weight.size(0));
   auto r = lce_chunked(LossMode::Forward, hidden, weight, bias, labels, grad_scale, c10::nullopt, o, chunk_size,
                        compute_dh, compute_dw, compute_db, rk);
-  return {r.loss, r.lse, r.dh, r.dw, r.db};
+  const auto empty = at::empty({0}, hidden.options().dtype(stat_dtype(hidden.scalar_type())));
+  return {r.loss, r.lse, r.dh, r.dw, r.db, at::empty({0}, hidden.options().dtype(at::kLong)), empty};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
     RowKernel rk, const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
+  not_yet("class_weight", class_weight.has_value());
+  not_yet("grad_lse", grad_lse.has_value());
   const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
                               vocab_total, weight.size(0));
   auto r = lce_chunked(LossMode::Backward, hidden, weight, bias, labels, grad_loss, lse, o, chunk_size,
@@ -262,7 +274,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
 at::Tensor lce_stats_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& labels, int64_t ignore_index,
                            double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
-                           int64_t chunk_size) {
+                           int64_t chunk_size, const c10::optional<at::Tensor>& class_weight) {
+  not_yet("class_weight", class_weight.has_value());
   const auto o = make_options(ignore_index, 0.0, 0.0, softcap, logit_scale, vocab_start, vocab_total, weight.size(0));
   auto r = lce_chunked(LossMode::Stats, hidden, weight, bias, labels, c10::nullopt, c10::nullopt, o, chunk_size,
                        false, false, false, rk);

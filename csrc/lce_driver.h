@@ -62,21 +62,25 @@ void check_labels_host(const at::Tensor& labels, int64_t ignore_index, int64_t v
 
 // Entry points with the op schemas' argument lists; each device wraps them with its
 // own row kernel (and label check).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_entry(
-    RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-    const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
-    double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db);
+using FwdResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+FwdResult lce_fwd_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
+                        const c10::optional<at::Tensor>& bias, const at::Tensor& labels,
+                        const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
+                        double z_loss, double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
+                        int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+                        const c10::optional<at::Tensor>& class_weight, bool return_stats);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
     RowKernel rk, const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db);
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse);
 
 at::Tensor lce_stats_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& labels, int64_t ignore_index,
                            double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
-                           int64_t chunk_size);
+                           int64_t chunk_size, const c10::optional<at::Tensor>& class_weight);
 
 }  // namespace tiedkernels

@@ -13,22 +13,27 @@ TORCH_LIBRARY(tiedkernels, m) {
   m.def(
       "logits_bwd(Tensor grad, Tensor logits, Tensor hidden, Tensor weight, Tensor? bias, float logit_scale, "
       "float softcap, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor)");
-  // Fused linear + cross-entropy over row chunks.  Returns (loss, lse, dh, dw, db): loss is [N]
-  // per token, or the scalar sum(loss * grad_scale) when grad_scale is given, in which case the
-  // requested gradients of that scalar are computed in the same pass (empty [0] tensors otherwise).
+  // Fused linear + cross-entropy over row chunks.  Returns (loss, lse, dh, dw, db, argmax, entropy):
+  // loss is [N] per token, or the scalar sum(loss * grad_scale) when grad_scale is given, in which
+  // case the requested gradients of that scalar are computed in the same pass (empty [0] tensors
+  // otherwise); argmax (int64) and entropy are [N] with return_stats, else empty.  class_weight is
+  // [vocab_total] (F.cross_entropy's weight=; see tiedkernels/_schemas.py for the formula).
   m.def(
       "lce_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_scale, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, int vocab_total, "
-      "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Recompute backward: gradients of sum(grad_loss * loss) given the (global) lse.
+      "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
+      "bool return_stats=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Recompute backward: gradients of sum(grad_loss * loss) (+ sum(grad_lse * lse)) given the (global) lse.
   m.def(
       "lce_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, "
-      "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor)");
-  // Per-row statistics of a vocabulary shard: [3, N] = (local lse, target logit or 0, sum of logits).
+      "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
+      "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
+  // Per-row statistics of a vocabulary shard: [3, N] = (local lse, target logit or 0, sum of logits,
+  // or of class_weight[j] * logit_j with class weights).
   m.def(
       "lce_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, float softcap, "
-      "float logit_scale, int vocab_start, int vocab_total, int chunk_size) -> Tensor");
+      "float logit_scale, int vocab_start, int vocab_total, int chunk_size, Tensor? class_weight=None) -> Tensor");
 }
 
 namespace {

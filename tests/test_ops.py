@@ -459,7 +459,7 @@ def test_backward_leaves_forward_outputs_alone(backend):
     outputs a direct caller of the op still holds must not change (AOT autograd relies on it)."""
     assert _SAMPLES[_GIF_SAMPLE][0] == "lce_fwd" and _SAMPLES[_GIF_SAMPLE][1][4] is not None
     h, w, b, labels = lce_inputs(bias=True)
-    loss, _, dh, dw, db = _op(backend, "lce_fwd")(h, w, b, labels, torch.tensor(0.25, dtype=F64), -100, 0.0, 0.0,
+    loss, _, dh, dw, db, _, _ = _op(backend, "lce_fwd")(h, w, b, labels, torch.tensor(0.25, dtype=F64), -100, 0.0, 0.0,
                                                  0.0, 1.0, 0, 0, CHUNK, True, True, True)
     before = [t.clone() for t in (dh, dw, db)]
     loss.backward(torch.tensor(3.0, dtype=F64))

@@ -3,6 +3,22 @@
 The compiled ops are defined once in ``csrc/ops.cpp``; a Python backend registers its
 own copy of each op under a prefixed name with the same signature, so that it exists
 when the extension is not built.  ``tests/test_ops.py`` checks that the two agree.
+
+The fused-loss ops (``lce_*``) take every vocabulary index as global: the weight holds rows
+``[vocab_start, vocab_start + V_local)`` of a vocabulary of ``vocab_total`` entries (0: the weight
+is the whole vocabulary).  Their optional arguments:
+
+* ``class_weight``: ``[vocab_total]`` per-class weights ``c`` (the whole vocabulary's, on every
+  shard), ``F.cross_entropy(weight=)``'s semantics: per token
+  ``c[y]·((1-ε)(lse - z_y) + λ·lse²) + (ε/V)(lse·Σ_j c_j - Σ_j c_j z_j)``; ``lce_stats``' third
+  row becomes ``Σ_j c_j z_j`` over the shard.  Dividing by ``Σ c[y]`` (the weighted mean) is the
+  caller's job, as every other reduction is.
+* ``return_stats`` (``lce_fwd``): outputs 6 and 7 are the per-token predicted token (argmax of
+  the final logits, first index on ties as ``torch.argmax``; int64 ``[N]``) and the entropy of the
+  softmax (``lse - Σ_j p_j z_j``; fp32, fp64 for fp64, ``[N]``), for every token, ignored ones
+  included; empty ``[0]`` tensors otherwise.
+* ``grad_lse`` (``lce_bwd``): ``[N]`` incoming gradient of the returned ``lse``; adds
+  ``grad_lse_i · softmax(z_i)`` to ``dL/dz`` (through softcap and scale), ignored tokens included.
 """
 
 SCHEMAS = {
@@ -17,16 +33,18 @@ SCHEMAS = {
     "lce_fwd": (
         "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_scale, int ignore_index, "
         "float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, int vocab_total, "
-        "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
+        "bool return_stats=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "lce_bwd": (
         "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
         "int ignore_index, float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, "
-        "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db) -> (Tensor, Tensor, Tensor)"
+        "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
+        "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)"
     ),
     "lce_stats": (
         "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, float softcap, "
-        "float logit_scale, int vocab_start, int vocab_total, int chunk_size) -> Tensor"
+        "float logit_scale, int vocab_start, int vocab_total, int chunk_size, Tensor? class_weight=None) -> Tensor"
     ),
 }
 

@@ -110,8 +110,26 @@ def _vocab_total(vocab_start, vocab_total, v):
     return vocab_total if vocab_total > 0 else vocab_start + v
 
 
+def _class_weight(class_weight, vt, sdt, device):
+    """[vocab_total] class weights in the statistics dtype, or None."""
+    if class_weight is None:
+        return None
+    if class_weight.dim() != 1 or class_weight.shape[0] != vt:
+        raise RuntimeError(f"tiedkernels: class_weight must be [vocab_total] = [{vt}], got {tuple(class_weight.shape)}")
+    if class_weight.device != device:
+        raise RuntimeError(f"tiedkernels: class_weight is on {class_weight.device} but hidden on {device}")
+    return class_weight.to(sdt)
+
+
 def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, label_smoothing, z_loss, softcap,
-             logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, mode):
+             logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, mode,
+             class_weight=None, grad_lse=None, return_stats=False):
+    """The template every backend follows.  Per token, with c the class weights (1 without),
+    S = sum(c), eps the label smoothing, lam the z-loss and z the final logits:
+    loss = c[y]((1-eps)(lse - z_y) + lam lse^2) + (eps/V)(S lse - sum_j c_j z_j), and
+    dL/dz_j = g (((1-eps)c[y] + (eps/V)S + 2 lam c[y] lse) p_j - (1-eps)c[y][j=y] - (eps/V)c_j)
+    + grad_lse p_j, chained through the softcap and the scale.  The smoothing term is left out
+    when eps = 0 (never 0 * inf for a -inf logit)."""
     if chunk_size <= 0:
         raise RuntimeError(f"tiedkernels: chunk_size must be positive, got {chunk_size}")
     n, d = hidden.shape
@@ -121,16 +139,29 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
     valid = max(0, min(v, vt - vocab_start))
     sdt = _stat_dtype(hidden.dtype)
     labels = labels.long()
+    cw = _class_weight(class_weight, vt, sdt, hidden.device)
+    if grad_lse is not None and grad_lse.shape != (n,):
+        raise RuntimeError(f"tiedkernels: grad_lse must be [N] = [{n}], got {tuple(grad_lse.shape)}")
     grads = mode == "bwd" or (mode == "fwd" and grad_scale is not None and (compute_dh or compute_dw or compute_db))
     want_dh, want_dw, want_db = grads and compute_dh, grads and compute_dw, grads and compute_db
     gs = grad_scale.to(sdt) if grad_scale is not None else None
+    gl = grad_lse.to(sdt) if grad_lse is not None else None
+    stats_on = mode == "fwd" and return_stats
     loss_vec = hidden.new_empty((n,), dtype=sdt)
     lse = hidden.new_empty((n,), dtype=sdt)
+    pred = hidden.new_empty((n,) if stats_on else (0,), dtype=torch.long)
+    ent = hidden.new_empty((n,) if stats_on else (0,), dtype=sdt)
     stats = hidden.new_empty((3, n), dtype=sdt) if mode == "stats" else None
     dh = hidden.new_empty((n, d)) if want_dh else hidden.new_empty((0,))
     dw = weight.new_zeros((v, d), dtype=sdt) if want_dw else None
     db = weight.new_zeros((v,), dtype=sdt) if want_db else None
     eps, inv_v = float(label_smoothing), 1.0 / vt
+    # this shard's columns of the class weights (padding columns weigh 0), their global sum
+    c_local = None
+    if cw is not None:
+        c_local = torch.zeros((v,), dtype=sdt, device=hidden.device)
+        c_local[:valid] = cw[vocab_start : vocab_start + valid]
+        c_sum = cw.sum()
     for start in range(0, n, chunk_size):
         rows = min(chunk_size, n - start)
         hc = hidden[start : start + rows]
@@ -146,15 +177,29 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         row_lse = torch.logsumexp(f, dim=1)
         zero = torch.zeros((), dtype=sdt, device=f.device)
         zy = torch.where(has_t, f.gather(1, local[:, None]).squeeze(1), zero) if v > 0 else zero.expand(rows)
-        sumf = f[:, :valid].sum(1)
+        # sum_j c_j z_j over the real columns (c_j = 1 without class weights)
+        fv = f[:, :valid]
+        sumf = (fv * c_local[:valid]).sum(1) if c_local is not None else fv.sum(1)
+        if cw is not None:
+            cy = torch.where(ignored, zero, cw[torch.where(ignored, torch.zeros_like(y), y)])
+        else:
+            cy = torch.ones((rows,), dtype=sdt, device=f.device)
         if mode == "stats":
             stats[0, start : start + rows] = row_lse
             stats[1, start : start + rows] = zy
             stats[2, start : start + rows] = sumf
         if mode == "fwd":
-            tok = (1 - eps) * (row_lse - zy) + eps * (row_lse - sumf * inv_v) + z_loss * row_lse * row_lse
+            tok = cy * ((1 - eps) * (row_lse - zy) + z_loss * row_lse * row_lse)
+            if eps:
+                s_all = c_sum if cw is not None else vt
+                tok = tok + (eps * inv_v) * (s_all * row_lse - sumf)
             loss_vec[start : start + rows] = torch.where(ignored, torch.zeros_like(tok), tok)
             lse[start : start + rows] = row_lse
+            if stats_on:
+                p = torch.exp(f - row_lse[:, None])
+                pz = torch.where(p > 0, p * f, zero)  # an entry of probability 0 adds 0, even at z = -inf
+                pred[start : start + rows] = torch.argmax(f, dim=1) + vocab_start if v > 0 else vocab_start
+                ent[start : start + rows] = row_lse - pz.sum(1)
         if not grads:
             continue
         use_lse = lse_in[start : start + rows].to(sdt) if lse_in is not None else row_lse
@@ -164,10 +209,17 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
             g = gs.expand(rows) if gs.dim() == 0 else gs[start : start + rows]
         g = torch.where(ignored, torch.zeros_like(g), g)
         p = torch.exp(f - use_lse[:, None])
-        dz = (g * (1 + 2 * z_loss * use_lse))[:, None] * p - (g * eps * inv_v)[:, None]
+        coef = g * cy * ((1 - eps) + 2 * z_loss * use_lse)
+        if eps:
+            coef = coef + g * (eps * inv_v) * (c_sum if cw is not None else vt)
+        if gl is not None:
+            coef = coef + gl[start : start + rows]
+        dz = coef[:, None] * p
+        if eps:
+            dz = dz - (g * eps * inv_v)[:, None] * (c_local[None, :] if c_local is not None else 1.0)
         rows_idx = torch.arange(rows, device=f.device)
         if v > 0:
-            dz[rows_idx, local] -= torch.where(has_t, g * (1 - eps), torch.zeros_like(g))
+            dz[rows_idx, local] -= torch.where(has_t, g * cy * (1 - eps), torch.zeros_like(g))
         if softcap > 0:
             t = f / softcap
             dz = dz * (1 - t * t)
@@ -192,26 +244,30 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         loss = None
     dw = dw.to(weight.dtype) if want_dw else weight.new_empty((0,))
     db = db.to(weight.dtype) if want_db else weight.new_empty((0,))
-    return loss, lse, dh, dw, db
+    return loss, lse, dh, dw, db, pred, ent
 
 
 def lce_fwd(hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
-            vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db):
+            vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, class_weight=None,
+            return_stats=False):
     return _chunked(hidden, weight, bias, labels, grad_scale, None, ignore_index, label_smoothing, z_loss, softcap,
-                    logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, "fwd")
+                    logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, "fwd",
+                    class_weight=class_weight, return_stats=return_stats)
 
 
 def lce_bwd(grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, z_loss, softcap,
-            logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db):
-    _, _, dh, dw, db = _chunked(hidden, weight, bias, labels, grad_loss, lse, ignore_index, label_smoothing, z_loss,
-                                softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
-                                compute_db, "bwd")
+            logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, class_weight=None,
+            grad_lse=None):
+    _, _, dh, dw, db, _, _ = _chunked(hidden, weight, bias, labels, grad_loss, lse, ignore_index, label_smoothing,
+                                      z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh,
+                                      compute_dw, compute_db, "bwd", class_weight=class_weight, grad_lse=grad_lse)
     return dh, dw, db
 
 
-def lce_stats(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk_size):
+def lce_stats(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk_size,
+              class_weight=None):
     return _chunked(hidden, weight, bias, labels, None, None, ignore_index, 0.0, 0.0, softcap, logit_scale,
-                    vocab_start, vocab_total, chunk_size, False, False, False, "stats")
+                    vocab_start, vocab_total, chunk_size, False, False, False, "stats", class_weight=class_weight)
 
 
 _IMPLS = {

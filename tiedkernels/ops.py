@@ -51,7 +51,8 @@ def _grad_outputs_fake(hidden, weight, want_dh, want_dw, want_db):
 
 
 def _lce_fwd_fake(hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-                  logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db):
+                  logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db,
+                  class_weight=None, return_stats=False):
     torch._check(hidden.shape[1] == weight.shape[1])
     torch._check(labels.shape[0] == hidden.shape[0])
     sdt = _stat_dtype(hidden.dtype)
@@ -59,17 +60,20 @@ def _lce_fwd_fake(hidden, weight, bias, labels, grad_scale, ignore_index, label_
     grads = grad_scale is not None and (compute_dh or compute_dw or compute_db)
     loss = hidden.new_empty((), dtype=sdt) if grad_scale is not None else hidden.new_empty((n,), dtype=sdt)
     lse = hidden.new_empty((n,), dtype=sdt)
+    m = n if return_stats else 0
+    stats = (hidden.new_empty((m,), dtype=torch.long), hidden.new_empty((m,), dtype=sdt))
     return (loss, lse) + _grad_outputs_fake(hidden, weight, grads and compute_dh, grads and compute_dw,
-                                            grads and compute_db)
+                                            grads and compute_db) + stats
 
 
 def _lce_bwd_fake(grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, z_loss, softcap,
-                  logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db):
+                  logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db,
+                  class_weight=None, grad_lse=None):
     return _grad_outputs_fake(hidden, weight, compute_dh, compute_dw, compute_db)
 
 
 def _lce_stats_fake(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start, vocab_total,
-                    chunk_size):
+                    chunk_size, class_weight=None):
     return hidden.new_empty((3, hidden.shape[0]), dtype=_stat_dtype(hidden.dtype))
 
 
@@ -151,10 +155,12 @@ def _make_autograd(prefix):
     # fused loss --------------------------------------------------------------------------
     def lce_setup(ctx, inputs, output):
         (hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
-         vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db) = inputs
-        loss, lse, dh, dw, db = output
+         vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db) = inputs[:16]
+        class_weight = inputs[16] if len(inputs) > 16 else None
+        ctx.n_inputs = len(inputs)
+        loss, lse, dh, dw, db = output[:5]
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(lse, dh, dw, db)
+        ctx.mark_non_differentiable(lse, dh, dw, db, *output[5:])
         ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start, vocab_total,
                     chunk_size)
         ctx.has_bias = bias is not None
@@ -166,13 +172,13 @@ def _make_autograd(prefix):
                             for t, flag in ((dh, compute_dh), (dw, compute_dw), (db, compute_db)))
         else:
             ctx.pre = None
-        ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_scale)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_scale, class_weight)
 
     def lce_backward(ctx, g_loss, *unused):
         need = ctx.needs_input_grad
         want = (need[0], need[1], need[2] and ctx.has_bias)
         if g_loss is None or not any(want):
-            return (None,) * 16
+            return (None,) * ctx.n_inputs
         pre, ctx.pre = ctx.pre, None
         if pre is not None and all(p is not None for p, w in zip(pre, want) if w):
             if not _is_one(g_loss):
@@ -181,11 +187,11 @@ def _make_autograd(prefix):
         else:
             # Recompute (reduction="none", or a second backward after the first took the
             # forward's gradients): the tiles again, with the real incoming gradient.
-            hidden, weight, bias, labels, lse, grad_scale = ctx.saved_tensors
+            hidden, weight, bias, labels, lse, grad_scale, class_weight = ctx.saved_tensors
             g = g_loss * grad_scale if ctx.scalar else g_loss
-            dh, dw, db = op("lce_bwd")(g, hidden, weight, bias, labels, lse, *ctx.opts, *want)
+            dh, dw, db = op("lce_bwd")(g, hidden, weight, bias, labels, lse, *ctx.opts, *want, class_weight)
             grads = tuple(t if w else None for t, w in zip((dh, dw, db), want))
-        return grads + (None,) * 13
+        return grads + (None,) * (ctx.n_inputs - 3)
 
     torch.library.register_autograd(f"tiedkernels::{prefix}embedding_fwd", emb_backward, setup_context=emb_setup)
     torch.library.register_autograd(f"tiedkernels::{prefix}logits_fwd", logits_backward, setup_context=logits_setup)

@@ -246,34 +246,37 @@ void cpu_row_kernel(const RowTask& t, const LossOptions& o) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_cpu(
+FwdResult lce_fwd_cpu(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+    const c10::optional<at::Tensor>& class_weight, bool return_stats) {
   check_labels_host(labels, ignore_index, vocab_total > 0 ? vocab_total : vocab_start + weight.size(0));
   return lce_fwd_entry(cpu_row_kernel, hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
                        z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
-                       compute_db);
+                       compute_db, class_weight, return_stats);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_cpu(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
   check_labels_host(labels, ignore_index, vocab_total > 0 ? vocab_total : vocab_start + weight.size(0));
   return lce_bwd_entry(cpu_row_kernel, grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing,
                        z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
-                       compute_db);
+                       compute_db, class_weight, grad_lse);
 }
 
 at::Tensor lce_stats_cpu(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                          const at::Tensor& labels, int64_t ignore_index, double softcap, double logit_scale,
-                         int64_t vocab_start, int64_t vocab_total, int64_t chunk_size) {
+                         int64_t vocab_start, int64_t vocab_total, int64_t chunk_size,
+                         const c10::optional<at::Tensor>& class_weight) {
   check_labels_host(labels, ignore_index, vocab_total > 0 ? vocab_total : vocab_start + weight.size(0));
   return lce_stats_entry(cpu_row_kernel, hidden, weight, bias, labels, ignore_index, softcap, logit_scale,
-                         vocab_start, vocab_total, chunk_size);
+                         vocab_start, vocab_total, chunk_size, class_weight);
 }
 
 }  // namespace

@@ -539,18 +539,19 @@ int64_t total_vocab(int64_t vocab_start, int64_t vocab_total, const at::Tensor& 
   return vocab_total > 0 ? vocab_total : vocab_start + weight.size(0);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lce_fwd_cuda(
+FwdResult lce_fwd_cuda(
     const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
     const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+    const c10::optional<at::Tensor>& class_weight, bool return_stats) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_fwd_entry(cuda_row_kernel, hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
                          z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
-                         compute_db);
+                         compute_db, class_weight, return_stats);
   chk.finish();
   return r;
 }
@@ -559,27 +560,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_cuda(
     const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
-    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db) {
+    int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_bwd_entry(cuda_row_kernel, grad_loss, hidden, weight, bias, labels, lse, ignore_index,
                          label_smoothing, z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size,
-                         compute_dh, compute_dw, compute_db);
+                         compute_dh, compute_dw, compute_db, class_weight, grad_lse);
   chk.finish();
   return r;
 }
 
 at::Tensor lce_stats_cuda(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                           const at::Tensor& labels, int64_t ignore_index, double softcap, double logit_scale,
-                          int64_t vocab_start, int64_t vocab_total, int64_t chunk_size) {
+                          int64_t vocab_start, int64_t vocab_total, int64_t chunk_size,
+                          const c10::optional<at::Tensor>& class_weight) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_stats_entry(cuda_row_kernel, hidden, weight, bias, labels, ignore_index, softcap, logit_scale,
-                           vocab_start, vocab_total, chunk_size);
+                           vocab_start, vocab_total, chunk_size, class_weight);
   chk.finish();
   return r;
 }

@@ -241,12 +241,22 @@ class _Args:
         return dh, dw, db
 
 
+def _not_yet(op, **used):
+    """The options of the op schemas this backend does not implement yet: refused by name."""
+    for name, on in used.items():
+        if on:
+            raise NotImplementedError(f"tiedkernels: {name} is not implemented on the triton backend yet ({op}); "
+                                      "use backend='torch' (or 'cuda' / 'cpu')")
+
+
 @triton_op("tiedkernels::triton_lce_fwd", mutates_args=())
 def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
             grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
             softcap: float, logit_scale: float, vocab_start: int, vocab_total: int, chunk_size: int,
-            compute_dh: bool, compute_dw: bool,
-            compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            compute_dh: bool, compute_dw: bool, compute_db: bool, class_weight: Optional[torch.Tensor] = None,
+            return_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
+    _not_yet("lce_fwd", class_weight=class_weight is not None, return_stats=return_stats)
     a = _Args(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
               vocab_total, chunk_size)
     pending = a.check_labels()
@@ -263,15 +273,16 @@ def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         loss = loss_vec
         dh, dw, db = hidden.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,))
     pending.finish()
-    return loss, lse, dh, dw, db
+    return loss, lse, dh, dw, db, hidden.new_empty((0,), dtype=torch.long), hidden.new_empty((0,), dtype=a.sdt)
 
 
 @triton_op("tiedkernels::triton_lce_bwd", mutates_args=())
 def lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
             softcap: float, logit_scale: float, vocab_start: int, vocab_total: int, chunk_size: int,
-            compute_dh: bool, compute_dw: bool,
-            compute_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            compute_dh: bool, compute_dw: bool, compute_db: bool, class_weight: Optional[torch.Tensor] = None,
+            grad_lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _not_yet("lce_bwd", class_weight=class_weight is not None, grad_lse=grad_lse is not None)
     a = _Args(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
               vocab_total, chunk_size)
     if grad_loss.dim() not in (0, 1) or (grad_loss.dim() == 1 and grad_loss.shape[0] != a.n):
@@ -287,7 +298,8 @@ def lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
 @triton_op("tiedkernels::triton_lce_stats", mutates_args=())
 def lce_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
               ignore_index: int, softcap: float, logit_scale: float, vocab_start: int, vocab_total: int,
-              chunk_size: int) -> torch.Tensor:
+              chunk_size: int, class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    _not_yet("lce_stats", class_weight=class_weight is not None)
     a = _Args(hidden, weight, bias, labels, ignore_index, 0.0, 0.0, softcap, logit_scale, vocab_start, vocab_total,
               chunk_size)
     pending = a.check_labels()
