@@ -94,6 +94,17 @@ def usable(weight):
             and not torch.compiler.is_compiling())
 
 
+def _not_a_view(out):
+    """``out`` as a tensor of its own (same storage, no copy) when the op returned a view of a buffer it
+    made itself: autograd forbids in-place changes to a view made inside a custom Function, and models
+    scale their embeddings in place (CTRL's ``inputs_embeds *= sqrt(d_model)``), as ``nn.Embedding``'s
+    output allows."""
+    if not out._is_view():
+        return out
+    return torch.empty(0, dtype=out.dtype, device=out.device).set_(
+        out.untyped_storage(), out.storage_offset(), out.size(), out.stride())
+
+
 class _TiedEmbedding(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, ids, padding_idx, backend, state):
@@ -103,7 +114,7 @@ class _TiedEmbedding(torch.autograd.Function):
         ctx.state = state
         ctx.weight_meta = (weight.shape, weight.dtype)
         state.add_node(ctx)
-        return backend.op("embedding_fwd")(weight, ids, padding_idx)
+        return _not_a_view(backend.op("embedding_fwd")(weight, ids, padding_idx))
 
     @staticmethod
     def backward(ctx, grad):

@@ -3,6 +3,7 @@
 import functools
 import inspect
 import types
+import warnings
 
 import torch
 from torch import nn
@@ -50,8 +51,113 @@ def _get_text_config(config, decoder):
         return None
 
 
-def _wants_tie(config):
-    return all(getattr(c, "tie_word_embeddings", True) is not False for c in _text_configs(config))
+def _wants_tie(model):
+    """Whether transformers itself ties ``model``'s output embedding to its input embedding, decided
+    as its own ``tie_weights()`` decides. v5: the tie mapping of every sub-model, each reading its own
+    config (a top-level config that ties wins over a text sub-config that says
+    ``tie_word_embeddings=False``, as in GlmAsr or GraniteSpeech, whose ``lm_head`` sits on the top
+    model). v4: ``config.get_text_config(decoder=True).tie_word_embeddings``."""
+    config = model.config
+    if transformers_major() < 5:
+        text = _get_text_config(config, True) or config
+        return getattr(text, "tie_word_embeddings", True) is not False
+    try:
+        mapping = model.get_expanded_tied_weights_keys(all_submodels=True)
+    except Exception:  # an odd model: the config flags alone
+        return all(getattr(c, "tie_word_embeddings", True) is not False for c in _text_configs(config))
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp is None:
+        return False
+    # every name of the input weight (ProphetNet's mapping names another module holding it) and of the
+    # output module's weight
+    sources = {n for n, p in model.named_parameters(remove_duplicate=False) if p is inp.weight}
+    targets = [f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is out]
+    return any(mapping.get(t) in sources for t in targets)
+
+
+# parameters and buffers an embedding may hold that ``HFTiedEmbedding`` carries over
+_KNOWN_PARAMS = {"weight"}
+_KNOWN_BUFFERS = {"embed_scale"}
+
+
+def _check_embedding(model, inp, head):
+    """Refuse, by name, an input embedding that ``HFTiedEmbedding`` would not reproduce exactly: one
+    holding parameters or buffers it does not carry (T5Gemma2's ``eoi_embedding``), or whose forward
+    gives other values than the head's on a probe of ids (every id of a small vocabulary; else the
+    first and last ids and the token indices the module names, e.g. ``eoi_token_index``)."""
+    name = type(inp).__name__
+    what = f"tiedkernels.hf.patch: {type(model).__name__}'s input embedding {name}"
+    extra = [n for n in inp._parameters if n not in _KNOWN_PARAMS and inp._parameters[n] is not None]
+    extra += [n for n in inp._buffers if n not in _KNOWN_BUFFERS and inp._buffers[n] is not None]
+    extra += [f"{n} (submodule)" for n in inp._modules]
+    if extra:
+        raise TypeError(f"{what} holds {', '.join(extra)} beside its weight; a TiedEmbeddingHead would drop "
+                        "them and change the model, so it is not patched")
+    if type(inp).forward is nn.Embedding.forward or inp.weight.device.type == "meta":
+        return
+    v = inp.weight.shape[0]
+    ids = set(range(min(v, 64))) | {v - 1}
+    for k, val in vars(inp).items():
+        if isinstance(val, int) and not isinstance(val, bool) and 0 <= val < v and ("token" in k or "index" in k):
+            ids.add(val)
+    probe = torch.tensor(sorted(ids), device=inp.weight.device).view(1, -1)
+    with torch.no_grad():
+        try:
+            want = inp(probe)
+        except Exception as e:  # noqa: BLE001 - said by name below
+            raise TypeError(f"{what} overrides forward and fails on plain token ids ({type(e).__name__}: {e}); "
+                            "it is not patched") from e
+        got = head(probe)
+    if not isinstance(want, torch.Tensor) or want.shape != got.shape or want.dtype != got.dtype \
+            or not torch.equal(want, got):
+        raise TypeError(f"{what} overrides forward with a computation TiedEmbeddingHead does not reproduce "
+                        "(its output differs on a probe of token ids); it is not patched")
+
+
+class _Snapshot:
+    """Everything ``patch`` may change, to put back as it was when patching fails: each module's
+    submodules, parameters and buffers (the objects, no copies), the config flags, the model's own
+    attributes. ``patch`` is all-or-nothing."""
+
+    def __init__(self, model):
+        self.model = model
+        self.mods = [(m, dict(m._modules), dict(m._parameters), dict(m._buffers),
+                      {k: m.__dict__[k] for k in ("in_features", "out_features", "num_embeddings")
+                       if k in m.__dict__}) for m in model.modules()]
+        self.configs = [(c, c.__dict__.get("tie_word_embeddings", _MISSING)) for c in _all_configs(model.config)]
+        self.attrs = {k: model.__dict__.get(k, _MISSING) for k in ("forward", _STATE, "all_tied_weights_keys")}
+
+    def restore(self):
+        for m, mods, params, bufs, attrs in self.mods:
+            for d, old in ((m._modules, mods), (m._parameters, params), (m._buffers, bufs)):
+                d.clear()
+                d.update(old)
+            m.__dict__.update(attrs)
+        for c, v in self.configs:
+            if v is _MISSING:
+                c.__dict__.pop("tie_word_embeddings", None)
+            else:
+                c.__dict__["tie_word_embeddings"] = v
+        for k, v in self.attrs.items():
+            if v is _MISSING:
+                self.model.__dict__.pop(k, None)
+            else:
+                self.model.__dict__[k] = v
+
+
+_MISSING = object()
+
+
+def _all_configs(config, seen=None):
+    seen = set() if seen is None else seen
+    if id(config) in seen:
+        return []
+    seen.add(id(config))
+    out = [config]
+    for v in list(vars(config).values()):
+        if hasattr(v, "to_dict") and hasattr(v, "__dict__") and type(v).__name__.endswith("Config"):
+            out += _all_configs(v, seen)
+    return out
 
 
 def _replace_everywhere(model, old, new):
@@ -93,6 +199,16 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     (for training from scratch: the output side then uses the input embedding's weight, as
     ``tie_word_embeddings=True`` would have done at construction).
     """
+    snap = _Snapshot(model)
+    try:
+        return _patch(model, backend=backend, fused_loss=fused_loss, return_logits=return_logits,
+                      force_tie=force_tie)
+    except BaseException:
+        snap.restore()
+        raise
+
+
+def _patch(model, *, backend, fused_loss, return_logits, force_tie):
     if is_patched(model):
         inp = model.get_input_embeddings()
         if isinstance(inp, HFTiedEmbedding) and model.get_output_embeddings() is inp.output_embeddings:
@@ -111,7 +227,7 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     if major < 5 and getattr(config, "torchscript", False):
         raise ValueError("tiedkernels.hf.patch: config.torchscript=True makes transformers v4 clone the tied weight "
                          "instead of sharing it; a TorchScript model cannot be patched")
-    if not _wants_tie(config):
+    if not _wants_tie(model):
         if not force_tie:
             raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__} has tie_word_embeddings=False in its "
                              "config: its input and output embeddings are separate weights, so there is nothing "
@@ -136,6 +252,7 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
             raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__}'s output weight is not its input "
                              "embedding weight even after tie_weights()")
     head = HFTiedEmbedding.from_hf(inp, out, backend=backend)
+    _check_embedding(model, inp, head)
     for c in _text_configs(config):
         if hasattr(c, "tie_word_embeddings"):
             c.tie_word_embeddings = True
@@ -228,8 +345,28 @@ def _patched_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     prev = out_mod.__dict__.get("lazy", False)
     out_mod.__dict__["lazy"] = True
+    calls = []
+    hook = out_mod.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         output = type(self).forward(self, *args, **kwargs)
     finally:
         out_mod.__dict__["lazy"] = prev
+        hook.remove()
+    if not calls:
+        _warn_unfused(self)
     return _strip_lazy(output)
+
+
+_warned_unfused = set()
+
+
+def _warn_unfused(model):
+    """The model computed its loss without calling its output embeddings (MobileBERT's head multiplies
+    by ``decoder.weight`` itself): the loss is the stock one, from full logits. Said once per class."""
+    name = type(model).__name__
+    if name in _warned_unfused:
+        return
+    _warned_unfused.add(name)
+    warnings.warn(f"tiedkernels.hf: {name} does not call its output embeddings to build its logits (its head "
+                  "reads the weight itself), so its loss does not fuse: the full logits are built and the "
+                  "loss is the stock one (exact, without the memory saving)", stacklevel=3)

@@ -1,5 +1,7 @@
 """Tiny configs of the supported architectures, built in code (no hub): used by the tests and the demo."""
 
+import re
+
 import torch
 
 ARCHS = ("gpt2", "llama", "qwen2", "gemma", "gemma2", "bert", "t5", "bart")
@@ -83,3 +85,343 @@ def batch(arch, model, batch_size=2, seq=9, seed=1):
         tgt[1, -1] = -100
         return {"input_ids": ids, "labels": tgt}
     return {"input_ids": ids, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------
+# The zoo: every model type of transformers' causal-LM, masked-LM and seq2seq auto mappings, built
+# from its own config class with the defaults shrunk to a tiny size (no hand list of models).
+
+ZOO_MAPPINGS = ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+                "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES")
+ZOO_VOCAB = 128
+ZOO_SPECIAL = 100  # token ids >= this are special ones (image, audio, bos ...): the batches never draw them
+
+_HIDDEN = ("hidden_size", "d_model", "n_embd", "dim", "embed_dim", "hidden_dim", "embedding_size",
+           "word_embed_proj_dim", "input_embedding_size", "output_embedding_size", "true_hidden_size",
+           "intra_bottleneck_size", "attention_hidden_size", "lru_width", "d_latents", "emb_dim")
+_HEADS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads",
+          "decoder_attention_heads", "num_encoder_attention_heads", "num_decoder_attention_heads", "attention_heads",
+          "num_self_attention_heads", "num_cross_attention_heads", "swa_num_attention_heads", "index_n_heads")
+_KV_HEADS = ("num_key_value_heads", "num_kv_heads", "num_query_groups", "swa_num_key_value_heads")
+_HEAD_DIM = ("head_dim", "d_kv", "d_head", "attention_head_dim", "kv_channels", "dim_head", "attention_head_size",
+             "swa_head_dim", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "linear_key_head_dim",
+             "linear_value_head_dim", "linear_head_dim", "mamba_d_head", "mamba_head_dim", "mamba_headdim",
+             "index_head_dim")
+_FFN = ("intermediate_size", "d_ff", "dff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "n_inner", "d_inner",
+        "ffn_hidden_size", "feed_forward_size", "intermediate_size_mlp", "dim_ff", "dense_intermediate_size",
+        "moe_intermediate_size", "shared_expert_intermediate_size", "shared_intermediate_size",
+        "expert_ffn_hidden_size", "moe_shared_expert_intermediate_size", "shared_experts_intermediate_size")
+_SMALL = {"num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+          "num_experts_per_tok": 2, "num_experts_per_token": 2, "moe_topk": 2, "n_group": 1, "topk_group": 1,
+          "kv_lora_rank": 16, "q_lora_rank": 16, "qk_head_dim": 16, "linear_num_key_heads": 2,
+          "linear_num_value_heads": 4, "linear_num_heads": 4, "mamba_n_heads": 4, "n_mamba_heads": 4,
+          "mamba_num_heads": 4, "ssm_state_size": 16, "mamba_d_state": 16, "state_size": 16, "mamba_d_ssm": 64,
+          "mamba_dt_rank": 8, "time_step_rank": 8, "index_topk": 8, "num_codebooks": 2, "embedding_rank": 16,
+          "max_position_embeddings": 128, "n_positions": 128, "max_source_positions": 128,
+          "max_target_positions": 128, "n_ctx": 128, "max_2d_position_embeddings": 128, "sliding_window": 16,
+          "sliding_window_size": 16, "attention_window_size": 16, "local_attention_window_len": 16,
+          "image_size": 32, "patch_size": 8, "num_mel_bins": 16, "rotary_dim": 4}
+_LAYERS = re.compile(r"^(num_|n_)?((hidden|encoder|decoder|text|vision|audio|speech_encoder)_)?layers?$"
+                     r"|^num_(hidden_)?layers$|^(encoder|decoder)_layers$|^num_(encoder|decoder)_layers$")
+
+
+def _shrink(d, vocab):
+    """Shrink one config dict in place (sizes, layers, token ids), recursing into sub-configs."""
+    old_layers = None
+    orig = dict(d)
+    for k in [k for k, v in d.items() if v is None]:
+        del d[k]  # the config class derives it (head_dim from hidden_size, ...) from the shrunk sizes
+    for k in list(d):
+        v = d[k]
+        if isinstance(v, dict) and "model_type" in v:
+            _shrink(v, vocab)
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            continue
+        if _LAYERS.match(k) and v > 2:
+            if k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+                old_layers = v
+            d[k] = 2
+        elif k in _HIDDEN and v > 32:
+            d[k] = 32
+        elif k in _HEADS and v > 4:
+            d[k] = 4
+        elif k in _KV_HEADS and v > 2:
+            d[k] = 4 if v == orig.get("num_attention_heads", orig.get("n_head", -1)) else 2
+        elif k in _HEAD_DIM and v > 8:
+            d[k] = 8
+        elif k in _FFN and v > 64:
+            d[k] = 64
+        elif k in _SMALL and v > _SMALL[k]:
+            d[k] = _SMALL[k]
+        elif k == "vocab_size" or k.endswith("_vocab_size") and v > vocab:
+            d[k] = vocab
+    if old_layers is not None:
+        # per-layer lists (layer_types, ...) follow the layer count; keep one layer of each kind
+        kinds = d.get("layer_types")
+        n = 2
+        if isinstance(kinds, list) and len(kinds) == old_layers and all(isinstance(x, str) for x in kinds):
+            firsts = sorted({x: i for i, x in reversed(list(enumerate(kinds)))}.values())
+            keep = (firsts + [i for i in range(old_layers) if i not in firsts])[:max(2, len(firsts))]
+            keep.sort()
+            n = len(keep)
+        else:
+            keep = [0, 1]
+        for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+            if k in d:
+                d[k] = n
+        for k, v in list(d.items()):
+            if isinstance(v, list) and len(v) == old_layers:
+                d[k] = [v[i] for i in keep]
+            elif isinstance(v, dict) and v and all(isinstance(x, int) for x in v):
+                d[k] = {keep.index(i): x for i, x in v.items() if i in keep}
+    # special token ids inside the small vocabulary, never drawn by the batches
+    nxt = [vocab - 1]
+    remap = {}
+
+    def fix(x):
+        if isinstance(x, bool) or not isinstance(x, int) or 0 <= x < ZOO_SPECIAL:
+            return x
+        if x not in remap:
+            remap[x] = nxt[0]
+            nxt[0] -= 1
+        return remap[x]
+
+    for k in list(d):
+        if k.endswith(("token_id", "token_index", "token_ids")) or k in ("pad_token_id", "bos_token_id",
+                                                                          "eos_token_id"):
+            v = d[k]
+            d[k] = [fix(x) for x in v] if isinstance(v, list) else fix(v)
+    return d
+
+
+def zoo_entries(major=None):
+    """``(model_type, class name, task)`` for every entry of the three auto mappings (one per pair)."""
+    from transformers.models.auto import modeling_auto
+
+    seen, out = set(), []
+    for name, task in zip(ZOO_MAPPINGS, ("causal", "masked", "seq2seq")):
+        for mt, cls in getattr(modeling_auto, name, {}).items():
+            if isinstance(cls, (tuple, list)):
+                cls = cls[0]
+            if (mt, cls) in seen:
+                continue
+            seen.add((mt, cls))
+            out.append((mt, cls, task))
+    return out
+
+
+def tiny_config(model_type, vocab=ZOO_VOCAB, tie=None):
+    """``model_type``'s own config class with its defaults shrunk; ``tie`` forces
+    ``tie_word_embeddings`` on the config and every sub-config that has it."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    d = _shrink(cls().to_dict(), vocab)
+    for k in ("transformers_version", "architectures", "_name_or_path", "model_type", "dtype", "torch_dtype"):
+        d.pop(k, None)
+    for k in list(d):
+        if k.endswith(("dropout", "pdrop", "_drop", "dropout_prob", "dropout_rate")) and isinstance(d[k], float):
+            d[k] = 0.0
+    if tie is not None:
+        _set_tie(d, tie)
+    if d.get("is_encoder_decoder") and d.get("decoder_start_token_id") is None:
+        d["decoder_start_token_id"] = d.get("pad_token_id") or 0
+    config = cls(**d)
+    # the grouped-GEMM experts kernels take no fp64: the reference loop
+    config._experts_implementation = "eager"
+    return config
+
+
+def _set_tie(d, tie):
+    d["tie_word_embeddings"] = tie
+    for v in d.values():
+        if isinstance(v, dict) and "tie_word_embeddings" in v:
+            _set_tie(v, tie)
+
+
+def build_zoo(model_type, class_name, *, seed=0, tie=None, dtype=torch.float64):
+    """A tiny ``class_name`` model of ``model_type`` (fp64, eval mode, seeded) from ``tiny_config``."""
+    import transformers
+
+    config = tiny_config(model_type, tie=tie)
+    cls = getattr(transformers, class_name)
+    torch.manual_seed(seed)
+    model = cls(config).to(dtype)
+    return model.eval()
+
+
+def zoo_batch(model, task, batch_size=2, seq=9, seed=1):
+    """Ids below ``ZOO_SPECIAL`` (never a special token) with labels, some ignored, for ``task``."""
+    g = torch.Generator().manual_seed(seed)
+    hi = min(ZOO_SPECIAL, model.get_input_embeddings().weight.shape[0])
+    ids = torch.randint(3, hi, (batch_size, seq), generator=g)
+    if task == "masked":
+        labels = torch.full_like(ids, -100)
+        mask = torch.rand(ids.shape, generator=g) < 0.4
+        mask[:, 1] = True
+        labels[mask] = ids[mask]
+        return {"input_ids": ids, "labels": labels}
+    if task == "seq2seq" and model.config.is_encoder_decoder:
+        tgt = torch.randint(3, hi, (batch_size, seq - 2), generator=g)
+        tgt[1, -1] = -100
+        return {"input_ids": ids, "labels": tgt}
+    labels = ids.clone()
+    labels[0, :2] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+class ZooResult:
+    """What ``zoo_check`` found for one (model type, class): ``status`` is ``"pass"``, ``"refused"``
+    (``patch`` raised and named the reason; the model was left as it was), ``"failed"`` (a wrong value
+    or an unexpected error: a bug of this project) or ``"unbuilt"`` (the tiny stock model itself does
+    not build or run: a limit of the builder, nothing to do with patching)."""
+
+    def __init__(self, model_type, class_name, task):
+        self.model_type, self.class_name, self.task = model_type, class_name, task
+        self.status, self.reason, self.notes, self.fused, self.seconds = None, "", [], None, 0.0
+
+    def __repr__(self):
+        extra = f" ({self.reason})" if self.reason else ""
+        notes = f" [{'; '.join(self.notes)}]" if self.notes else ""
+        return f"{self.model_type}/{self.class_name}: {self.status}{extra}{notes}"
+
+
+def _fingerprint(model):
+    return ([(n, type(m).__name__) for n, m in model.named_modules(remove_duplicate=False)],
+            {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()},
+            dict(model.__dict__.get("_tied_weights_keys") or {}) if isinstance(
+                model.__dict__.get("_tied_weights_keys"), dict) else None)
+
+
+def _close(a, b, what, atol, rtol):
+    if a is None or b is None:
+        if (a is None) != (b is None):
+            raise AssertionError(f"{what}: one side is None")
+        return
+    if a.shape != b.shape:
+        raise AssertionError(f"{what}: shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    err = (a.double() - b.double()).abs()
+    bound = atol + rtol * b.double().abs()
+    if not bool((err <= bound).all()) or bool(a.isnan().any()) != bool(b.isnan().any()):
+        raise AssertionError(f"{what}: max abs error {float(err.max()):.3g} (atol {atol}, rtol {rtol})")
+
+
+def zoo_check(model_type, class_name, task, *, tie=None, generate=True, save=True, tmpdir=None):
+    """Patch a tiny ``model_type`` model against its stock twin: patch, loss and every gradient,
+    logits, save -> stock load, greedy generate. Returns a ``ZooResult``.
+
+    Tolerances: the stock causal-LM loss rounds the fp64 logits to fp32 (``.float()``), so the loss and
+    the gradients agree to ~1e-7 relative: atol 1e-6, rtol 1e-5 there; logits of the two fp64 models
+    agree to 1e-10 (the same GEMM on the same numbers)."""
+    import copy
+    import tempfile
+    import time
+    import warnings
+
+    import transformers
+
+    from . import _patch
+
+    res = ZooResult(model_type, class_name, task)
+    t0 = time.perf_counter()
+    # the once-per-name warnings say whether the logits were built: make them fire for this model too
+    from . import _lazy
+    getattr(_lazy, "_warned", set()).clear()
+    _patch._warned_unfused.clear()
+    try:
+        try:
+            stock = build_zoo(model_type, class_name, tie=tie)
+            b = zoo_batch(stock, task)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref = stock(**b)
+            if ref.loss is None:
+                raise RuntimeError("the stock model returns no loss for labels")
+        except Exception as e:  # noqa: BLE001 - the builder's limit, reported by name
+            res.status, res.reason = "unbuilt", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            return res
+        model = copy.deepcopy(stock)
+        before = _fingerprint(model)
+        try:
+            _patch.patch(model)
+        except (ValueError, TypeError) as e:
+            if _patch.is_patched(model) or _fingerprint(model) != before:
+                res.status, res.reason = "failed", f"patch raised but left the model changed: {e}"
+            else:
+                res.status, res.reason = "refused", str(e).replace("tiedkernels.hf.patch: ", "")
+            return res
+        w = model.get_input_embeddings().weight
+        if stock.get_output_embeddings() is None or stock.get_output_embeddings().weight is not \
+                stock.get_input_embeddings().weight:
+            res.status, res.reason = "failed", "patch accepted a model whose weights are not tied"
+            return res
+        # loss and every gradient
+        stock.zero_grad(set_to_none=True)
+        ref.loss.backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = model(**b)
+        built = [str(c.message) for c in caught if "builds the full logits" in str(c.message)
+                 or "does not fuse" in str(c.message)]
+        res.fused = getattr(out, "logits", None) is None
+        if not res.fused:
+            res.notes.append("logits built: " + (built[0][:120] if built else "no fused loss, no warning"))
+            if not built:
+                res.status, res.reason = "failed", "no fused loss and no warning saying so"
+                return res
+        out.loss.backward()
+        _close(out.loss, ref.loss, "loss", 1e-6, 1e-5)
+        grads = dict(stock.named_parameters())
+        for n, p in model.named_parameters():
+            _close(p.grad, grads[n].grad, f"grad {n}", 1e-6, 1e-5)
+        if w.grad is None:
+            raise AssertionError("the tied weight got no gradient")
+        # logits without labels
+        nolab = {k: v for k, v in b.items() if k != "labels"}
+        if task == "seq2seq" and stock.config.is_encoder_decoder:
+            nolab["decoder_input_ids"] = b["labels"].clamp_min(3)
+        with torch.no_grad():
+            lz_ref = stock(**nolab).logits
+            lz = model(**nolab).logits
+        _close(lz, lz_ref, "logits", 1e-10, 1e-10)
+        # save patched -> load stock
+        # (against the stock model's own checkpoint loaded the same way: a model loaded in fp64 computes
+        # its non-persistent buffers, e.g. Gemma's embed_scale, in fp64, unlike one built and cast)
+        if save:
+            loaded = []
+            with tempfile.TemporaryDirectory(dir=tmpdir) as d:
+                for m in (model, stock):
+                    m.save_pretrained(d)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        loaded.append(getattr(transformers, class_name).from_pretrained(d, dtype=torch.float64).eval())
+            if any(p.data_ptr() == q.data_ptr() for p in loaded[0].parameters() for q in loaded[1].parameters()
+                   if p.numel() and q.numel()):
+                raise AssertionError("the two loaded models share storage")
+            with torch.no_grad():
+                _close(loaded[0](**nolab).logits, loaded[1](**nolab).logits,
+                       "logits of the stock model loaded from the patched checkpoint", 1e-10, 1e-10)
+        # greedy generate
+        if generate and task != "masked":
+            prompt = b["input_ids"][:1, :5]
+            kw = dict(max_new_tokens=3, do_sample=False, num_beams=1)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    g_ref = stock.generate(prompt, **kw)
+            except Exception as e:  # noqa: BLE001
+                res.notes.append(f"generate not run: the stock model raises {type(e).__name__}")
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    g = model.generate(prompt, **kw)
+                if not torch.equal(g, g_ref):
+                    raise AssertionError(f"generate: {g.tolist()} != stock {g_ref.tolist()}")
+        res.status = "pass"
+        return res
+    except Exception as e:  # noqa: BLE001 - a failure of this project, with its reason
+        res.status, res.reason = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return res
+    finally:
+        res.seconds = time.perf_counter() - t0
