@@ -18,6 +18,8 @@ import weakref
 
 import torch
 
+from . import _composite
+
 
 def _task_id():
     try:
@@ -91,7 +93,7 @@ def state_for(weight):
 def usable(weight):
     """The tie path applies to a leaf weight that needs a gradient, outside tracing."""
     return (torch.is_grad_enabled() and weight.requires_grad and weight.is_leaf
-            and not torch.compiler.is_compiling())
+            and not torch.compiler.is_compiling() and _composite.mode(weight) is None)
 
 
 def _not_a_view(out):
@@ -120,6 +122,9 @@ class _TiedEmbedding(torch.autograd.Function):
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
         shape, dtype = ctx.weight_meta
+        if torch.is_grad_enabled():
+            # create_graph=True: a gradient that can itself be differentiated, never written in place
+            return _composite.embedding_grad(grad, ids, shape[0], ctx.padding_idx), None, None, None, None
         buf = ctx.state.take(ctx, shape, dtype)
         if buf is not None:
             ctx.backend.op("embedding_bwd_acc_")(buf, grad, ids, ctx.padding_idx)
@@ -137,7 +142,7 @@ class _TiedHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if grad is not None:
+        if grad is not None and not torch.is_grad_enabled():  # create_graph=True: nothing in place
             ctx.state.offer(grad)
         return grad, None
 

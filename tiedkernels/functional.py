@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from . import backends
+from . import _composite, backends
 
 _REDUCTIONS = ("none", "sum", "mean")
 DEFAULT_CHUNK_BYTES = 32 << 20
@@ -119,6 +119,8 @@ def embedding(ids, weight, *, padding_idx=None, backend="auto"):
     check_device(ids, "ids", weight)
     pad = normalize_padding_idx(padding_idx, weight.shape[0])
     b = backends.resolve(backend, weight.device)
+    if _composite.mode(weight) is not None:  # torch.func, forward-mode AD: the differentiable path
+        return _composite.embedding(weight, ids, pad)
     return b.op("embedding_fwd")(weight, ids, pad)
 
 
@@ -133,6 +135,8 @@ def logits(hidden, weight, *, bias=None, logit_scale=1.0, softcap=None, backend=
     b = backends.resolve(backend, weight.device)
     hidden2, weight2 = _nonempty_dim(hidden, weight)
     with no_autocast(weight.device):
+        if _composite.mode(hidden, weight, bias) is not None:  # torch.func, forward-mode AD
+            return _composite.logits(hidden2, weight2, bias, scale, cap)
         return b.op("logits_fwd")(hidden2, weight2, bias, scale, cap)
 
 
@@ -331,7 +335,11 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     sdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     denom = loss_denominator(lab, reduction, ignore_index, num_items_in_batch, sdt)
     with no_autocast(weight.device):
-        if reduction != "none" and torch.is_grad_enabled() and any(need):
+        if _composite.mode(h2, weight, bias) is not None:
+            # torch.func transforms, forward-mode AD: the differentiable path (chunked plain ops)
+            tok, lse = _composite.linear_cross_entropy(h2, weight, bias, lab, opts)
+            loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
+        elif reduction != "none" and torch.is_grad_enabled() and any(need):
             # Gradient-in-forward: the scalar's gradients are computed in the same pass.
             scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=sdt, device=hidden.device)
             loss, lse = b.op("lce_fwd")(h2, weight, bias, lab, scale, *opts, *need)[:2]

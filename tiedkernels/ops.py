@@ -7,7 +7,7 @@ the same under autograd, ``torch.compile`` and ``torch.library.opcheck``.
 
 import torch
 
-from . import _ext
+from . import _composite, _ext
 from . import _torch_backend  # noqa: F401  (defines the torch_* ops)
 
 
@@ -119,6 +119,16 @@ def _scaled(t, g):
     return t.mul_(g)
 
 
+def _differentiable_backward(grad):
+    """True when a backward must give gradients that can themselves be differentiated or batched: it
+    runs with grad mode on (``create_graph=True``), inside a ``torch.func`` transform, or with an
+    incoming gradient batched by vmap (``is_grads_batched=True``). The kernels' gradients carry no
+    graph and take no batch, so these take the plain-op formulas of ``_composite`` instead. False
+    under ``torch.compile``'s tracing (grad mode is off there) and on every ordinary backward: the
+    fused path is untouched."""
+    return torch.is_grad_enabled() or _composite.in_functorch() or _composite.batched(grad)
+
+
 def _make_autograd(prefix):
     def op(name):
         return getattr(torch.ops.tiedkernels, prefix + name).default
@@ -134,7 +144,10 @@ def _make_autograd(prefix):
         (ids,) = ctx.saved_tensors
         gw = None
         if ctx.needs_input_grad[0]:
-            gw = op("embedding_bwd")(grad, ids, ctx.num_weights, ctx.padding_idx)
+            if _differentiable_backward(grad):
+                gw = _composite.embedding_grad(grad, ids, ctx.num_weights, ctx.padding_idx)
+            else:
+                gw = op("embedding_bwd")(grad, ids, ctx.num_weights, ctx.padding_idx)
         return gw, None, None
 
     # logits ------------------------------------------------------------------------------
@@ -147,12 +160,19 @@ def _make_autograd(prefix):
     def logits_backward(ctx, grad):
         hidden, weight, bias, out = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dh, dw, db = op("logits_bwd")(grad, out if out is not None else grad, hidden, weight, bias, *ctx.opts,
-                                      need[0], need[1], need[2] and ctx.has_bias)
+        if _differentiable_backward(grad):
+            dh, dw, db = _composite.logits_grads(grad, hidden, weight, bias, *ctx.opts,
+                                                 (need[0], need[1], need[2] and ctx.has_bias))
+        else:
+            dh, dw, db = op("logits_bwd")(grad, out if out is not None else grad, hidden, weight, bias, *ctx.opts,
+                                          need[0], need[1], need[2] and ctx.has_bias)
         return (dh if need[0] else None, dw if need[1] else None, db if (need[2] and ctx.has_bias) else None,
                 None, None)
 
     # fused loss --------------------------------------------------------------------------
+    # lse is differentiable where lce_bwd takes its incoming gradient (``grad_lse``)
+    lse_grad = "grad_lse" in [a.name for a in op("lce_bwd")._schema.arguments]
+
     def lce_setup(ctx, inputs, output):
         (hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
          vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db) = inputs[:16]
@@ -160,7 +180,7 @@ def _make_autograd(prefix):
         ctx.n_inputs = len(inputs)
         loss, lse, dh, dw, db = output[:5]
         ctx.set_materialize_grads(False)
-        ctx.mark_non_differentiable(lse, dh, dw, db, *output[5:])
+        ctx.mark_non_differentiable(*((dh, dw, db) if lse_grad else (lse, dh, dw, db)), *output[5:])
         ctx.opts = (ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start, vocab_total,
                     chunk_size)
         ctx.has_bias = bias is not None
@@ -174,24 +194,46 @@ def _make_autograd(prefix):
             ctx.pre = None
         ctx.save_for_backward(hidden, weight, bias, labels, lse, grad_scale, class_weight)
 
-    def lce_backward(ctx, g_loss, *unused):
+    def lce_backward(ctx, g_loss, g_lse=None, *unused):
         need = ctx.needs_input_grad
         want = (need[0], need[1], need[2] and ctx.has_bias)
-        if g_loss is None or not any(want):
-            return (None,) * ctx.n_inputs
+        if len(need) > 16 and need[16]:
+            raise NotImplementedError(_composite.NO_CLASS_WEIGHT_GRAD)
+        none = (None,) * (ctx.n_inputs - 3)
+        if (g_loss is None and g_lse is None) or not any(want):
+            return (None, None, None) + none
+        if _differentiable_backward(g_loss) or _differentiable_backward(g_lse):
+            # The gradients as differentiable functions of the saved inputs (and of the incoming
+            # gradients), chunk by chunk; the forward's finished gradients, constants, cannot serve.
+            ctx.pre = None
+            hidden, weight, bias, labels, lse, grad_scale, class_weight = ctx.saved_tensors
+            g = None if g_loss is None else (g_loss * grad_scale if ctx.scalar else g_loss)
+            grads = _composite.lce_grads(hidden, weight, bias, labels, g, g_lse, _composite.Opts(*ctx.opts), want,
+                                         class_weight)
+            return tuple(t if w else None for t, w in zip(grads, want)) + none
         pre, ctx.pre = ctx.pre, None
-        if pre is not None and all(p is not None for p, w in zip(pre, want) if w):
+        if g_lse is None and pre is not None and all(p is not None for p, w in zip(pre, want) if w):
             if not _is_one(g_loss):
                 pre = tuple(_scaled(p, g_loss) if p is not None else None for p in pre)
-            grads = tuple(p if w else None for p, w in zip(pre, want))
+            return tuple(p if w else None for p, w in zip(pre, want)) + none
+        # Recompute (reduction="none", a second backward after the first took the forward's
+        # gradients, or an incoming gradient for lse, which the forward's gradients of the loss
+        # alone cannot include): the tiles again, with the real incoming gradients.
+        hidden, weight, bias, labels, lse, grad_scale, class_weight = ctx.saved_tensors
+        if g_loss is None:
+            g = lse.new_zeros(())
         else:
-            # Recompute (reduction="none", or a second backward after the first took the
-            # forward's gradients): the tiles again, with the real incoming gradient.
-            hidden, weight, bias, labels, lse, grad_scale, class_weight = ctx.saved_tensors
             g = g_loss * grad_scale if ctx.scalar else g_loss
-            dh, dw, db = op("lce_bwd")(g, hidden, weight, bias, labels, lse, *ctx.opts, *want, class_weight)
-            grads = tuple(t if w else None for t, w in zip((dh, dw, db), want))
-        return grads + (None,) * (ctx.n_inputs - 3)
+        extra = {k: t for k, t in (("class_weight", class_weight), ("grad_lse", g_lse)) if t is not None}
+        try:
+            dh, dw, db = op("lce_bwd")(g, hidden, weight, bias, labels, lse, *ctx.opts, *want, **extra)
+        except NotImplementedError:
+            if g_lse is None:
+                raise
+            # a backend without grad_lse yet: the same gradients from the chunked plain-op path
+            dh, dw, db = _composite.lce_grads(hidden, weight, bias, labels, g, g_lse, _composite.Opts(*ctx.opts),
+                                              want, class_weight)
+        return tuple(t if w else None for t, w in zip((dh, dw, db), want)) + none
 
     torch.library.register_autograd(f"tiedkernels::{prefix}embedding_fwd", emb_backward, setup_context=emb_setup)
     torch.library.register_autograd(f"tiedkernels::{prefix}logits_fwd", logits_backward, setup_context=logits_setup)
