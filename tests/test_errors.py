@@ -860,3 +860,24 @@ def test_autocast_module_tied(backend):
     torch.testing.assert_close(loss, ref, rtol=0, atol=0)
     assert head.weight.grad.dtype == F32
     assert_close(head.weight.grad, w.grad, dtype=F32, name="dW")
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_autocast_vocab_parallel_like_single_device(backend):
+    """The vocabulary-parallel loss (one rank, no group) under autocast: the bf16 call's result."""
+    from tiedkernels.distributed import vocab_parallel_linear_cross_entropy as vp_lce
+
+    h = torch.randn(9, D, requires_grad=True)
+    w = torch.randn(V, D, requires_grad=True)
+    labels = torch.randint(0, V, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = vp_lce(h, w, labels, label_smoothing=0.1, backend=backend)
+    assert loss.dtype == F32
+    dh, dw = torch.autograd.grad(loss, [h, w])
+    hb, wb = (x.detach().bfloat16().requires_grad_() for x in (h, w))
+    ref = vp_lce(hb, wb, labels, label_smoothing=0.1, backend=backend)
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    rh, rw = torch.autograd.grad(ref, [hb, wb])
+    assert dh.dtype == F32 and dw.dtype == F32
+    torch.testing.assert_close(dh, rh.float(), rtol=0, atol=0)
+    torch.testing.assert_close(dw, rw.float(), rtol=0, atol=0)
