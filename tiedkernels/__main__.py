@@ -1,6 +1,8 @@
 """``python -m tiedkernels <command>``: info, demo (and whatever other modules register)."""
 
 import argparse
+import importlib.metadata
+import os
 import platform
 import sys
 
@@ -22,20 +24,33 @@ def info(args):
     import tiedkernels
     from tiedkernels import _ext, backends
 
-    print(f"tiedkernels {tiedkernels.__version__}")
-    print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
-    try:
-        import triton
+    from tiedkernels import _versions
 
-        print(f"triton {triton.__version__}")
-    except Exception:
-        print("triton: not installed")
+    print(f"tiedkernels {tiedkernels.__version__} from {os.path.dirname(tiedkernels.__file__)}")
+    # One line per dependency: its version and whether it lies in the tested range (README, install section).
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    outside = []
+    for name, version in found.items():
+        if version is None:
+            print(f"{name} not installed (tested: {_versions.describe(name)})")
+            continue
+        ok, text = _versions.check(name, version)
+        extra = f", CUDA build: {torch.version.cuda or 'no'}" if name == "torch" else ""
+        print(f"{name} {version} ({text}{extra})")
+        outside += [] if ok else [name]
+    print("versions: " + ("all inside the tested range" if not outside else "outside the tested range: " + ", ".join(outside)))
     bi = _ext.build_info()
     if bi is None:
         print(f"compiled extension: not loaded ({_ext.error()})")
     else:
+        where = "built at install" if _ext.origin() == "package" else f"built on first use, cached in {_ext.origin()}"
         print(f"compiled extension: CPU kernels yes, CUDA kernels {'yes' if bi['cuda'] else 'no'}; "
-              f"built against torch {bi['torch']} with {bi['compiler']}, OpenMP {bi['openmp']}")
+              f"built against torch {bi['torch']} with {bi['compiler']}, OpenMP {bi['openmp']} ({where})")
     gpu = torch.cuda.is_available()
     print(f"GPU: {torch.cuda.get_device_name(0) if gpu else 'none present'}")
     print("backends:")
