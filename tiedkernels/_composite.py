@@ -55,6 +55,14 @@ def mode(*tensors):
     return None
 
 
+def _differentiated(t):
+    """t is differentiated: it requires grad, is tracked by a torch.func grad/jvp level, or carries a
+    forward-mode tangent."""
+    if t.requires_grad or torch._C._functorch.is_gradtrackingtensor(t):
+        return True
+    return getattr(_fwad, "_current_level", 0) >= 0 and _fwad.unpack_dual(t).tangent is not None
+
+
 def in_functorch():
     return not torch.compiler.is_compiling() and _functorch_level() is not None
 
@@ -469,16 +477,12 @@ class _LCE(torch.autograd.Function):
     def backward(ctx, g_tok, g_lse, *_stats):
         hidden, weight, bias, labels, class_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if need[4]:
-            raise NotImplementedError(NO_CLASS_WEIGHT_GRAD)
         dh, dw, db = lce_grads(hidden, weight, bias, labels, g_tok, g_lse, ctx.o, need[:3], class_weight)
         return dh, dw, db, None, None, None
 
     @staticmethod
     def jvp(ctx, th, tw, tb, _t_labels, t_cw, _t_opts):
-        hidden, weight, bias, labels, class_weight = ctx.saved_tensors
-        if t_cw is not None:
-            raise NotImplementedError(NO_CLASS_WEIGHT_GRAD)
+        hidden, weight, bias, labels, class_weight = ctx.saved_tensors  # (linear_cross_entropy refused a t_cw)
         t_tok, t_lse = _tangents(hidden, weight, bias, labels, class_weight, th, tw, tb if bias is not None else None,
                                  ctx.o)
         return (t_tok, t_lse, None, torch.zeros_like(t_lse)) if ctx.stats else (t_tok, t_lse)
@@ -495,4 +499,6 @@ def linear_cross_entropy(hidden, weight, bias, labels, opts, class_weight=None, 
     o = Opts(*opts)
     total, _ = _vocab(o, weight.shape[0])
     _check_range(labels, total, "label", o.ignore_index)
+    if class_weight is not None and _differentiated(class_weight):
+        raise NotImplementedError(NO_CLASS_WEIGHT_GRAD)
     return _LCE.apply(hidden, weight, bias, labels, class_weight, _Static(o, bool(return_stats)))
