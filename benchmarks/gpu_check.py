@@ -151,7 +151,8 @@ def step_env(r):
 
 def step_build(r, gpu):
     arch = gpu["capability"] if gpu else None
-    cmd = [r.python, "setup.py", "build_ext", "--inplace"]
+    # --force: a build folder left by an earlier run must not skip the compile (and its ptxas report)
+    cmd = [r.python, "setup.py", "build_ext", "--inplace", "--force"]
     if r.dry:
         r.skip("build", "dry run: no GPU; would build csrc/cuda for this GPU's architecture only",
                "TIEDKERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=<capability> NVCC_APPEND_FLAGS='-Xptxas -v' "

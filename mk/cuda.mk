@@ -5,12 +5,15 @@
 #   without a GPU.  It installs the CUDA build of torch into its own venv, builds a copy of the
 #   sources there (never in place: the main venv's extension stays as it is), then checks that
 #   the installed package imports and that `python -m tiedkernels info` reports the CUDA kernels
-#   compiled (and, on a machine without a GPU, that none is present).  `make test` runs it.
+#   compiled (and, on a machine without a GPU, that none is present).  It fails on a register
+#   spill and writes every kernel's registers / stack / shared memory per architecture to
+#   $(CUDA_TABLE), the table `python -m tiedkernels gpu-report` reads.  `make test` runs it.
 VENV_CUDA ?= .venv-cuda
 CUDA_BIN := $(abspath $(VENV_CUDA))/bin
 CUDA_TORCH_VERSION ?= 2.14.1
 CUDA_ARCHS ?= 8.0;9.0
 CUDA_BUILD_DIR ?= build/cuda-check
+CUDA_TABLE := tiedkernels/data/cuda_resources.json
 CUDA_TORCH_STAMP := $(VENV_CUDA)/.tiedkernels-torch-installed
 TRITON_STAMP := $(VENV)/.tiedkernels-triton-installed
 
@@ -46,11 +49,18 @@ cuda-check: $(CUDA_TORCH_STAMP)
 	@echo "cuda-check: compiling csrc/cuda for $(CUDA_ARCHS) (about 90 s per architecture on two cores)"
 	cd $(CUDA_BUILD_DIR) && start=$$(date +%s) && \
 	  if TIEDKERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$${MAX_JOBS:-2} \
+	     NVCC_APPEND_FLAGS="$$NVCC_APPEND_FLAGS -Xptxas -v" \
 	     $(CUDA_BIN)/python -m pip install -v --no-build-isolation --no-deps . > build.log 2>&1; \
 	  then echo "cuda-check: compiled in $$(( $$(date +%s) - start )) s"; \
 	  else tail -n 80 build.log; echo "cuda-check: the CUDA sources do not compile"; exit 1; fi
 	grep -q "arch=compute_80,code=sm_80" $(CUDA_BUILD_DIR)/build.log || { echo "cuda-check: no sm_80 code built"; exit 1; }
 	grep -q "arch=compute_90,code=sm_90" $(CUDA_BUILD_DIR)/build.log || { echo "cuda-check: no sm_90 code built"; exit 1; }
+	@# Resources of every kernel (ptxas -v in the log; cuobjdump on the built .so): fail on a spill,
+	@# and regenerate the table that `python -m tiedkernels gpu-report` reads (git diff shows a change).
+	if grep -E "[1-9][0-9]* bytes spill (stores|loads)" $(CUDA_BUILD_DIR)/build.log; then \
+	  echo "cuda-check: ptxas reports register spills (above)"; exit 1; fi
+	cd / && $(CUDA_BIN)/python -m tiedkernels.gpu_report cuda-table --root $(abspath $(CUDA_BUILD_DIR)) \
+	  --ptxas-log $(abspath $(CUDA_BUILD_DIR))/build.log --out $(CURDIR)/$(CUDA_TABLE)
 	cd / && $(CUDA_BIN)/python -W error::RuntimeWarning -c "import tiedkernels, torch; from tiedkernels import _ext; \
 	  info = _ext.build_info(); assert info is not None and info['cuda'], info; print('imported', tiedkernels.__file__)"
 	cd / && $(CUDA_BIN)/python -m tiedkernels info | tee $(abspath $(CUDA_BUILD_DIR))/info.txt

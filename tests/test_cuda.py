@@ -263,3 +263,37 @@ def test_64_bit_offsets(backend):
     out2 = tk.linear_cross_entropy(h2, w2, y2, reduction="none", backend=backend)
     ref2 = tk.linear_cross_entropy(h2, w2, y2, reduction="none", backend="torch")
     torch.testing.assert_close(out2, ref2, rtol=2e-3, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------------
+# the cost model (python -m tiedkernels gpu-report) against what the GPU really launches
+
+
+def test_cost_model_launch_plan_matches_the_profile():
+    """The cuda backend's launches at a small bf16 shape, read by torch.profiler, are the ones
+    tiedkernels.gpu_report models: its own kernels exactly (row kernel per chunk, the index
+    check), and at least as many kernels in all (cuBLAS may add split-K reductions)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tiedkernels import gpu_report
+
+    if backends.why_not("cuda", "cuda") is not None:
+        pytest.fail(f"the cuda backend should run on this GPU machine: {backends.why_not('cuda', 'cuda')}")
+    n, d, v = 1000, 256, 5000
+    h = (torch.randn(n, d, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, d, device="cuda") * 0.05).to(torch.bfloat16).requires_grad_()
+    y = torch.randint(0, v, (n,), device="cuda")
+    tk.linear_cross_entropy(h, w, y, backend="cuda").backward()  # warm-up: handles, allocator
+    h.grad = w.grad = None
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tk.linear_cross_entropy(h, w, y, backend="cuda").backward()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+             and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
+    plan = gpu_report.cuda_launches(n, d, v, "bf16", sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    for ours in ("row_kernel", "find_bad_kernel", "bad_record_kernel"):
+        got = sum(1 for x in names if ours in x)
+        want = sum(1 for x in plan if x["kernel"] == ours)
+        assert got == want, f"{ours}: the GPU launched {got}, the model counts {want}; launches: {names}"
+    assert len(names) >= len(plan) - 2, (len(names), len(plan), names)  # the model's two 1-element ops may fuse

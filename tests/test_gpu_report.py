@@ -1,0 +1,291 @@
+"""The GPU cost model (``python -m tiedkernels gpu-report``), the CUDA resource table it reads,
+and the dry run of ``make gpu-check``; none of it needs a GPU."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tiedkernels import functional
+from tiedkernels import gpu_report as G
+
+ROOT = G.ROOT
+KERNELS_CU = os.path.join(ROOT, "csrc", "cuda", "kernels.cu")
+
+
+@pytest.fixture(scope="module")
+def table():
+    return G.load_cuda_table()
+
+
+@pytest.fixture(scope="module")
+def report():
+    return G.build_report()
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA resource table (tiedkernels/data/cuda_resources.json, written by `make cuda-check`)
+
+
+def test_table_was_built_from_these_sources(table):
+    assert table["sources"] == G.cuda_sources()
+    assert table["sources_sha256"] == G.sources_sha256(), (
+        "tiedkernels/data/cuda_resources.json was built from other CUDA sources than csrc/ holds now: "
+        "run `make cuda-check` (it rewrites the table) and commit the table with the sources")
+
+
+def test_table_covers_every_kernel_on_both_archs_without_spills(table):
+    with open(KERNELS_CU) as f:
+        src = f.read()
+    defined = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\(", src))
+    assert defined == set(G.CUDA_THREADS), "gpu_report.CUDA_THREADS must name every kernel of kernels.cu"
+    assert table["archs"] == ["sm_80", "sm_90"]
+    for arch in ("sm_80", "sm_90"):
+        rows = [r for r in table["kernels"] if r["arch"] == arch]
+        assert {r["kernel"] for r in rows} == defined, arch
+        for r in rows:
+            assert r["registers"] > 0, r
+            assert r["spill_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{r['kernel']} spills on {arch}: {r}"
+            assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{r['kernel']} uses local memory: {r}"
+            assert r["shared_bytes"] <= 48 * 1024, r
+    # every templated kernel is there for each dtype it is dispatched with
+    row = {r["config"] for r in table["kernels"] if r["kernel"] == "row_kernel" and r["arch"] == "sm_90"}
+    assert row == {"fp32, fp32, 512 threads", "fp64, fp64, 512 threads", "bf16, fp32, 512 threads",
+                   "fp16, fp32, 512 threads"}
+
+
+def test_threads_per_kernel_match_the_source():
+    with open(KERNELS_CU) as f:
+        src = f.read()
+    const = {k: int(v) for k, v in re.findall(r"constexpr int (k\w+Threads) = (\d+);", src)}
+    assert G.CUDA_THREADS["row_kernel"] == const["kRowThreads"]
+    for k in ("gather_kernel", "scatter_atomic_kernel", "scatter_sorted_kernel"):
+        assert G.CUDA_THREADS[k] == const["kEmbThreads"], k
+        assert re.search(rf"{k}(<[^>]*>)*<<<\w+, kEmbThreads", src), k
+    for k in ("transform_kernel", "transform_bwd_kernel"):
+        assert G.CUDA_THREADS[k] == const["kElemThreads"], k
+    assert re.search(r"const int threads = 256;\s+const int64_t blocks = \(n \+ threads - 1\) / threads;\s+"
+                     r"find_bad_kernel<<<blocks, threads", src)
+    assert "bad_record_kernel<<<1, 1," in src
+    assert re.search(r"row_kernel<scalar_t, acc_t><<<rows, kRowThreads", src)
+    with open(os.path.join(ROOT, "csrc", "lce_driver.cpp")) as f:
+        driver = f.read()
+    assert f"kDwTileBytes = {G.DW_TILE_BYTES >> 20}LL << 20" in driver
+
+
+PTXAS = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_80'
+ptxas info    : Function properties for _Z3fooPf
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 24 registers, used 1 barriers, 512 bytes smem, 496 bytes cmem[0]
+ptxas info    : Compiling entry function '_Z3barPf' for 'sm_90'
+ptxas info    : Function properties for _Z3barPf
+    48 bytes stack frame, 40 bytes spill stores, 36 bytes spill loads
+ptxas info    : Used 255 registers, used 0 barriers, 392 bytes cmem[0]
+"""
+
+CUOBJDUMP = """\
+Fatbin elf code:
+================
+arch = sm_80
+code version = [1,8]
+host = linux
+compile_size = 64bit
+
+Resource usage:
+ Common:
+  GLOBAL:0
+ Function _Z3fooPf:
+  REG:24 STACK:0 SHARED:512 LOCAL:0 CONSTANT[0]:496 TEXTURE:0 SURFACE:0 SAMPLER:0
+
+Fatbin elf code:
+================
+arch = sm_90
+code version = [1,8]
+
+Resource usage:
+ Function _Z3barPf:
+  REG:255 STACK:48 SHARED:0 LOCAL:0 CONSTANT[0]:392 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_parsers_read_registers_spills_and_shared():
+    p = G.parse_ptxas(PTXAS)
+    assert p[("sm_80", "_Z3fooPf")] == {"registers": 24, "stack_bytes": 0, "spill_store_bytes": 0,
+                                         "spill_load_bytes": 0, "shared_bytes": 512}
+    assert p[("sm_90", "_Z3barPf")] == {"registers": 255, "stack_bytes": 48, "spill_store_bytes": 40,
+                                         "spill_load_bytes": 36, "shared_bytes": 0}
+    c = G.parse_cuobjdump(CUOBJDUMP)
+    assert c == {("sm_80", "_Z3fooPf"): {"registers": 24, "stack_bytes": 0, "shared_bytes": 512, "local_bytes": 0},
+                 ("sm_90", "_Z3barPf"): {"registers": 255, "stack_bytes": 48, "shared_bytes": 0, "local_bytes": 0}}
+
+
+def test_short_names():
+    assert G.short_name("void tiedkernels::(anonymous namespace)::row_kernel<c10::BFloat16, float>"
+                        "(c10::BFloat16*, tiedkernels::(anonymous namespace)::RowParams<float>)") == \
+        ("row_kernel", "bf16, fp32")
+    assert G.short_name("tiedkernels::(anonymous namespace)::find_bad_kernel(long const*, long, long, bool, "
+                        "long, unsigned long long*)") == ("find_bad_kernel", "")
+
+
+def test_resident_blocks():
+    assert G.resident_blocks(24, 512) == 4  # thread-bound: 2048 threads per SM
+    assert G.resident_blocks(128, 512) == 1  # register-bound: 65,536 / (128 · 512)
+    assert G.resident_blocks(255, 256) == 1
+    assert G.resident_blocks(32, 128, shared=100 * 1024) == 2  # shared-memory-bound
+
+
+# ---------------------------------------------------------------------------------------------
+# the cost model
+
+
+def test_json_has_exactly_the_documented_keys(report):
+    j = G.to_json(report)
+    assert set(j) == {"kernels", "shapes"}
+    assert j["kernels"] and j["shapes"]
+    for k in j["kernels"]:
+        assert set(k) == {"backend", "kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes"}
+    for s in j["shapes"]:
+        assert set(s) == {"backend", "shape", "sms", "flops", "hbm_bytes", "atomic_bytes", "roofline_ms", "launches"}
+        for x in s["launches"]:
+            assert set(x) == {"kernel", "programs", "flops"}
+    assert {(s["backend"], s["shape"]) for s in j["shapes"] if s["backend"] == "cuda"} == \
+        {("cuda", name) for name, *_ in G.SHAPES}
+
+
+def test_sums_roofline_and_the_flop_floor(report):
+    assert report["shapes"]
+    for s in report["shapes"]:
+        n, d, v = s["n"], s["d"], s["v"]
+        assert s["flops"] == sum(x["flops"] for x in s["launches"])
+        assert s["hbm_bytes"] == sum(x["hbm_bytes"] for x in s["launches"])
+        assert s["atomic_bytes"] == sum(x["atomic_bytes"] for x in s["launches"])
+        want = max(s["flops"] / 989e12, (s["hbm_bytes"] + s["atomic_bytes"]) / 3.35e12) * 1e3
+        assert math.isclose(s["roofline_ms"], want, rel_tol=1e-12)
+        assert s["flops"] >= 6 * n * d * v, (s["backend"], s["shape"])
+        # the essential traffic: h and W read, dh and dW written, once each (bf16)
+        assert s["hbm_bytes"] >= 2 * 2 * (n * d + v * d), (s["backend"], s["shape"])
+        assert all(x["programs"] >= 1 for x in s["launches"])
+
+
+def test_cuda_plan_follows_the_chunked_driver():
+    for name, n, d, v in G.SHAPES:
+        chunk = functional.chunk_rows(n, v, None, d=d, itemsize=2, dw=False)
+        L = G.cuda_launches(n, d, v, "bf16")
+        rows = [x for x in L if x["kernel"] == "row_kernel"]
+        assert len(rows) == math.ceil(n / chunk) and sum(x["programs"] for x in rows) == n, name
+        # 6·N·D·V exactly: the minimum, no recompute
+        assert sum(x["flops"] for x in L) == 6 * n * d * v, name
+        tile = (8 << 20) // (2 * d)
+        tiles = [x for x in L if x["kernel"].startswith("cublas: dW tile")]
+        assert len(tiles) == math.ceil(n / chunk) * math.ceil(v / tile), name
+        # the fp32 accumulator: zeroed once, read + written per vocabulary tile of every chunk,
+        # cast once; counted in the plan
+        adds = [x for x in L if x["kernel"] == "aten: fp32 dW tile += tile"]
+        assert sum(x["hbm_bytes"] for x in adds) == math.ceil(n / chunk) * v * d * (4 + 2 + 4), name
+    # fp32 inputs: dW accumulated by the GEMM itself (addmm_), no tiles
+    L = G.cuda_launches(1000, 64, 3000, "fp32")
+    assert not [x for x in L if "tile" in x["kernel"]]
+    assert sum(x["flops"] for x in L) == 6 * 1000 * 64 * 3000
+
+
+def test_llama_head_figures(report):
+    s = next(s for s in report["shapes"] if s["backend"] == "cuda" and s["shape"] == "llama3-8b")
+    assert (s["n"], s["d"], s["v"]) == (8192, 4096, 128_256)
+    assert math.isclose(s["roofline_ms"], 6 * 8192 * 4096 * 128_256 / 989e12 * 1e3)  # compute-bound: 26.1 ms
+    assert s["atomic_bytes"] == 0
+    assert 40e9 < s["hbm_bytes"] < 50e9
+
+
+def test_triton_side_is_wired_or_says_why(report):
+    plan, why = G.triton_plan()
+    tri = [s for s in report["shapes"] if s["backend"] == "triton"]
+    if plan is None:
+        assert not tri
+        assert any(n.startswith("triton: no launch plan") and why in n for n in report["notes"])
+        return
+    assert {s["shape"] for s in tri} == {name for name, *_ in G.SHAPES}
+    kernels = [k for k in report["kernels"] if k["backend"] == "triton"]
+    assert {k["arch"] for k in kernels} == {"sm_80", "sm_90"}
+    for s in tri:
+        direct = plan.launches(s["n"], s["d"], s["v"], "bf16", sms=s["sms"])
+        assert [x["kernel"] for x in s["launches"]] == [x["kernel"] for x in direct]
+        assert s["flops"] == sum(x["flops"] for x in direct)
+
+
+def test_cli_text_and_json():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    res = subprocess.run([sys.executable, "-m", "tiedkernels", "gpu-report", "--json", "--backend", "cuda",
+                          "--shape", "1024,512,5000"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    (s,) = j["shapes"]
+    assert s["shape"] == "N=1024,D=512,V=5000" and s["flops"] == 6 * 1024 * 512 * 5000
+    text = G.format_text(G.build_report(backends=("cuda",)))
+    for name, n, d, v in G.SHAPES:
+        assert f"cuda · {name} (N={n}, D={d}, V={v}, bf16), 132 SMs" in text
+    assert "row_kernel" in text and "roofline" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# make gpu-check: the results writer, and the dry run end to end
+
+
+def test_results_writer(tmp_path):
+    from benchmarks import gpu_check as C
+
+    bench = {"benchmarks": [{"extra_info": {"shape": "llama3-8b", "provider": "cuda", "cuda_ms": 40.5, "tflops": 637.2,
+                                            "peak_mib": 3100.0, "roofline_ms": 26.11, "device": "X"}},
+                            {"extra_info": {"provider": "no timing"}}]}
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    r = C.Runner(str(tmp_path), sys.executable, dry_run=False)
+    r.data["env"] = {"gpu": {"name": "NVIDIA X", "sms": 132, "memory_gib": 80.0, "capability": "9.0"}, "python": "3.12"}
+    r.data["bench"] = C.read_bench(str(tmp_path / "bench.json"))
+    r.record("bench", "ok", 12.0, "1 cases")
+    r.record("memcheck-cuda", "failed", 3.0, "ERROR SUMMARY: 2 errors")
+    assert not C.write_results(r)
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert out["ok"] is False and out["bench"] == [{"shape": "llama3-8b", "provider": "cuda", "cuda_ms": 40.5,
+                                                    "tflops": 637.2, "peak_mib": 3100.0, "roofline_ms": 26.11,
+                                                    "device": "X"}]
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert md.startswith("## GPU check: NVIDIA X (132 SMs, 80.0 GiB)")
+    assert "| llama3-8b | cuda | 40.5 | 637.2 | 3100.0 | 26.11 |" in md
+    assert "| memcheck-cuda | failed | 3.0 | ERROR SUMMARY: 2 errors |" in md
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """`make gpu-check DRY_RUN=1`: every GPU step named and skipped, the plumbing run, exit 0."""
+    res = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = json.loads((tmp_path / "gpu_check.json").read_text())
+    status = {s["step"]: s for s in out["steps"]}
+    assert out["dry_run"] and out["ok"]
+    for step in ("build", "test", "bench", "memcheck"):
+        assert status[step]["status"] == "skipped" and status[step]["command"], step
+        assert f"{step}: skipped" in res.stdout
+    for step in ("env", "test-collect", "bench-collect", "memcheck-case"):
+        assert status[step]["status"] == "ok", status[step]
+    assert out["test_collected"] > 100
+    assert (tmp_path / "RESULTS.md").read_text().startswith("## GPU check: no GPU (dry run)")
+
+
+def test_cuda_table_command_fails_on_a_spill(tmp_path, monkeypatch, capsys):
+    """What `make cuda-check` runs: the table is written, and any spilling kernel fails the check."""
+    row = {"kernel": "row_kernel", "arch": "sm_90", "config": "bf16, fp32, 512 threads", "registers": 128,
+           "spill_bytes": 0, "spill_load_bytes": 0, "stack_bytes": 0, "local_bytes": 0, "shared_bytes": 512,
+           "threads": 512, "signature": "row_kernel"}
+    table = {"sources": [], "sources_sha256": "x", "toolchain": {}, "archs": ["sm_90"], "kernels": [row]}
+    monkeypatch.setattr(G, "cuda_table", lambda so, root, ptxas_log: table)
+    out = tmp_path / "t.json"
+    assert G._table_main(["--so", "x.so", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["kernels"] == [row]
+    table["kernels"] = [dict(row, spill_bytes=40, spill_load_bytes=36)]
+    with pytest.raises(SystemExit, match="1 kernels spill registers: row_kernel \\(sm_90\\)"):
+        G._table_main(["--so", "x.so", "--out", str(out)])
