@@ -225,6 +225,27 @@ CASES = {
 }
 
 
+def _has_class_weight():
+    import inspect
+
+    import tiedkernels as tk
+
+    return "class_weight" in inspect.signature(tk.linear_cross_entropy).parameters
+
+
+if _has_class_weight():  # the per-class weights, where this version has them
+    CASES.update({
+        "class_weight shape": (lambda be: _lce(be, class_weight=torch.ones(V + 1, dtype=F64)),
+                               _raises(TKE, "class_weight", r"\(12,\)")),
+        "class_weight on meta": (lambda be: _lce(be, class_weight=torch.ones(V, dtype=F64, device="meta")),
+                                 _raises(TKE, "class_weight", "meta", "cpu")),
+        "class_weight integer": (lambda be: _lce(be, class_weight=torch.ones(V, dtype=torch.long)),
+                                 _raises(TKE, "class_weight", "int64")),
+        "class_weight numpy": (lambda be: _lce(be, class_weight=torch.ones(V, dtype=F64).numpy()),
+                               _raises("TypeError", "class_weight", "ndarray")),
+    })
+
+
 # ------------------------------------------------------------------------------------------
 # the worker: reads case names on stdin, answers one JSON line each
 

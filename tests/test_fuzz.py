@@ -13,6 +13,7 @@ in fp64 on the same input values (fp32 inputs: the fp32 tolerances of ``toleranc
 draw; a failure names its case, and ``TIEDKERNELS_FUZZ_ONLY=<case>`` reruns just that one.
 """
 
+import inspect
 import math
 import os
 import random
@@ -31,6 +32,9 @@ SEED = int(os.environ.get("TIEDKERNELS_FUZZ_SEED", "0"))
 ONLY = os.environ.get("TIEDKERNELS_FUZZ_ONLY")
 BATCH = 100
 F64 = torch.float64
+# class weights and the per-token statistics: drawn where this version has them (and its reference)
+NEW_OPTIONS = all(k in inspect.signature(f).parameters for f in (tk.linear_cross_entropy, R.linear_cross_entropy)
+                  for k in ("class_weight", "return_stats"))
 
 
 def draw(i):
@@ -75,6 +79,11 @@ def draw(i):
     c["second_backward"] = rng.random() < 0.25
     c["logits"] = rng.random() < 0.2 and c["mode"] == "functional"
     c["body_scale"] = round(rng.uniform(0.3, 2.0), 3)
+    # drawn last, so that the options above keep their draws
+    c["class_weight"] = NEW_OPTIONS and rng.random() < 0.3
+    c["return_stats"] = NEW_OPTIONS and rng.random() < 0.2
+    if c["return_stats"]:
+        c["return_lse"] = False
     return c
 
 
@@ -96,7 +105,8 @@ def _tensors(c, gen):
         y = y.transpose(0, 1).contiguous().transpose(0, 1)
     b = torch.randn(v, generator=gen, dtype=F64).to(dt) if c["bias"] else None
     ids = torch.randint(0, v, tuple(lead), generator=gen)
-    return dt, w, h, y, b, ids
+    cw = (torch.rand(v, generator=gen, dtype=F64) * 1.9 + 0.05).to(dt) if c["class_weight"] else None
+    return dt, w, h, y, b, ids, cw
 
 
 def _num_items(c):
@@ -110,11 +120,13 @@ def _num_items(c):
 def run_case(i, backend):
     c = draw(i)
     gen = torch.Generator().manual_seed(SEED * 7919 + i)
-    dt, w0, h0, y, b0, ids = _tensors(c, gen)
+    dt, w0, h0, y, b0, ids, cw = _tensors(c, gen)
     nib, nib_ref = _num_items(c)
     opts = dict(ignore_index=c["ignore_index"], reduction=c["reduction"], label_smoothing=c["label_smoothing"],
                 z_loss=c["z_loss"], softcap=c["softcap"], logit_scale=c["logit_scale"], shift=c["shift"],
                 return_lse=c["return_lse"])
+    if c["class_weight"] or c["return_stats"]:
+        opts.update(class_weight=cw, return_stats=c["return_stats"])
     ref_opts = dict(opts, softcap=None if c["softcap"] == math.inf else c["softcap"], num_items_in_batch=nib_ref)
     tol = F64 if dt == F64 else torch.float32
 
@@ -139,7 +151,7 @@ def run_case(i, backend):
                 hid = h
             out = head.loss(hid, y, num_items_in_batch=nib, chunk_size=c["chunk_size"], **opts)
             wrt = [t for t in (h, w) if t is not None and t.requires_grad]
-    loss = out[0] if c["return_lse"] else out
+    loss = out[0] if (c["return_lse"] or c["return_stats"]) else out
 
     # --- the fp64 reference on the same values
     w64 = w0.detach().double().requires_grad_()
@@ -153,11 +165,15 @@ def run_case(i, backend):
     else:
         h64 = h0.detach().double().requires_grad_()
         hid64 = h64
+    if cw is not None:
+        ref_opts["class_weight"] = cw.double()
     rout = R.linear_cross_entropy(hid64, w64, y, bias=b64, **ref_opts)
-    rloss = rout[0] if c["return_lse"] else rout
+    rloss = rout[0] if (c["return_lse"] or c["return_stats"]) else rout
     assert_close(loss, rloss, dtype=tol, name=f"case {i} loss")
     if c["return_lse"]:
         assert_close(out[1], rout[1], dtype=tol, name=f"case {i} lse")
+    if c["return_stats"]:
+        _check_stats(i, out, rout[1], tol)
     if c["logits"]:
         z = tk.logits(h0, w0, bias=b0, softcap=c["softcap"], logit_scale=c["logit_scale"], backend=backend)
         zr = R.logits(h0.double(), w0.double(), bias=None if b0 is None else b0.double(),
@@ -185,6 +201,18 @@ def run_case(i, backend):
                 ref = torch.zeros_like(t, dtype=F64)
             assert a.dtype == t.dtype and a.shape == t.shape, f"case {i} {name}: {a.dtype} {tuple(a.shape)}"
             assert_close(a, ref, dtype=tol, name=f"case {i} {name} (backward {r + 1})")
+
+
+def _check_stats(i, st, ref, tol):
+    """The statistics of the same pass against the reference's (computed from the full logits)."""
+    for name in ("lse", "z_loss", "entropy"):
+        assert_close(getattr(st, name), ref[name].detach(), dtype=tol, name=f"case {i} stats.{name}")
+        assert not getattr(st, name).requires_grad, f"case {i} stats.{name} carries a gradient"
+    pred, rpred = st.predictions, ref["predictions"]
+    assert pred.dtype == torch.int64 and pred.shape == rpred.shape, f"case {i} predictions {pred.dtype} {pred.shape}"
+    if tol == F64:  # fp32 logits may order two near-equal logits otherwise than fp64 does
+        assert torch.equal(pred, rpred), f"case {i} predictions differ from the reference's argmax"
+        assert_close(st.accuracy, ref["accuracy"].double(), dtype=F64, name=f"case {i} stats.accuracy")
 
 
 def _cases(batch):
@@ -224,6 +252,10 @@ def test_draw_covers_every_option():
         "tied module": some(lambda c: c["mode"] == "tied"), "module": some(lambda c: c["mode"] == "module"),
         "bias": some(lambda c: c["bias"]), "ignore_index in range": some(lambda c: c["ignore_index"] >= 0),
         "all ignored": some(lambda c: c["p_ignore"] == 1.0),
+        **({"class_weight": some(lambda c: c["class_weight"]), "return_stats": some(lambda c: c["return_stats"]),
+            "class_weight with smoothing, stats, tied": some(lambda c: c["class_weight"] and c["label_smoothing"]
+                                                             and c["return_stats"] and c["mode"] == "tied")}
+           if NEW_OPTIONS else {}),
         "every option at once": some(lambda c: c["label_smoothing"] and c["z_loss"] and c["softcap"]
                                      and c["logit_scale"] != 1.0 and c["shift"] and c["num_items"]),
         **{f"num_items {k}": some(lambda c, k=k: c["num_items"] and c["num_items"][0] == k)
