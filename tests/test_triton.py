@@ -4,7 +4,9 @@ The core's parametrized checks (tests/test_ops.py: every option x reduction, fp3
 N=37, V=123, D=32, random incoming gradients, against the fp64 reference with the shared
 tolerances) run here with ``backend="triton"``; then what is specific to these kernels: the
 embedding's deterministic path, bad ids and labels, empty and non-contiguous inputs, NaN,
-tracing through ``triton_op``, and how the backend reports itself.
+tracing through ``triton_op``, how the backend reports itself; and the chunked loss's own paths:
+vocabulary splits, -inf logits, the softcap's precision and its infinite limit, Cut
+Cross-Entropy's lse rule for fp16/bf16, class weights, argmax/entropy and grad_lse.
 
 Triton reads TRITON_INTERPRET when it is imported, so this module sets it at collection,
 before anything imports Triton.  That does not change what the rest of the suite runs:
@@ -384,3 +386,231 @@ def test_import_without_triton():
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("Triton is not installed")
     assert float(lines[1]) > 0
+
+
+# ------------------------------------------------------------------------------------------
+# the chunked driver: vocabulary splits, -inf logits, the softcap, fp32 logits, new options
+
+
+@pytest.fixture
+def split_rows(monkeypatch):
+    """Narrow tiles and a large pretend SM count: every chunk's rows are split across the
+    vocabulary (the path short chunks take on a GPU), and each split walks several tiles."""
+    from tiedkernels.triton import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "row_config", lambda dtype, v, interpret=False: (16, 4))
+    monkeypatch.setattr(ce, "INTERPRET_SMS", 12)
+    assert ce.splits(16, 123, 16, 12) == (3, 48)  # 8 tiles of 16 columns: 3 splits of 3 tiles (the last 2)
+    assert ce.splits(5, 123, 16, 12) == (8, 16)  # a short chunk: one tile per split
+    yield ce
+
+
+@pytest.mark.parametrize("case,reduction,dtype", [("everything", "none", torch.float32),
+                                                  ("everything", "mean", torch.bfloat16),
+                                                  ("ignore_index", "sum", torch.bfloat16),
+                                                  ("return_lse", "mean", torch.float32)],
+                         ids=["everything-none-fp32", "everything-mean-bf16", "ignore_index-sum-bf16",
+                              "return_lse-mean-fp32"])
+def test_vocabulary_splits(split_rows, case, reduction, dtype):
+    core.test_linear_cross_entropy(B, case, reduction, dtype)
+
+
+def test_lce_stats_per_shard_with_splits(split_rows, triton_ops):
+    core.test_lce_stats_per_shard(B, torch.float32)
+
+
+def _masked(where, eps_rows=9, d=16, v=37):
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(eps_rows, d, generator=gen, dtype=F64).abs() + 0.1  # positive: a -inf weight gives -inf
+    w = torch.randn(v, d, generator=gen, dtype=F64) * 0.5
+    b = torch.randn(v, generator=gen, dtype=F64)
+    if where == "bias":
+        b[5] = float("-inf")
+    else:
+        w[5] = 0.0
+        w[5, 0] = float("-inf")
+        b = None
+    labels = torch.randint(0, v, (eps_rows,), generator=gen)
+    labels[labels == 5] = 6
+    labels[2] = -100
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("where", ["bias", "weight"])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_minus_inf_logit_gives_pytorchs_loss(where, eps, reduction):
+    """A masked vocabulary entry (a -inf bias, or a weight row that makes its logit -inf):
+    PyTorch's finite loss without smoothing (the smoothing term is never 0 * inf), PyTorch's own
+    value (inf) with it, and PyTorch's gradients where they are finite."""
+    h, w, b, labels = _masked(where)
+    h32 = h.float().requires_grad_()
+    w32 = w.float().requires_grad_()
+    b32 = b.float().requires_grad_() if b is not None else None
+    loss = tk.linear_cross_entropy(h32, w32, labels, bias=b32, label_smoothing=eps, reduction=reduction, backend=B)
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    b64 = b.clone().requires_grad_() if b is not None else None
+    z = torch.nn.functional.linear(h64, w64, b64)
+    assert torch.isinf(z[:, 5]).all()
+    ref = torch.nn.functional.cross_entropy(z, labels, label_smoothing=eps, reduction=reduction)
+    if eps == 0:
+        assert torch.isfinite(loss).all() and torch.isfinite(ref).all()
+    else:
+        assert torch.isinf(ref[labels != -100] if reduction == "none" else ref).all()
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-5)
+    if eps > 0:
+        return
+    g = core._incoming(loss)
+    wrt = [w32] + ([b32, h32] if b is not None else [])
+    ref_wrt = [w64] + ([b64, h64] if b is not None else [])  # dh is NaN in both with a -inf weight entry
+    got = torch.autograd.grad(loss, wrt, g)
+    want = torch.autograd.grad(ref, ref_wrt, g.double())
+    for name, a, r in zip(("dW", "db", "dh"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, r, dtype=torch.float32, name=name)
+
+
+def test_softcap_inf_is_the_uncapped_result():
+    h, w, b, labels = core.lce_inputs(bias=True, ignore=0.2)
+    leaves = [x.detach().float().requires_grad_() for x in (h, w, b)]
+    out = {}
+    for cap in (float("inf"), None):
+        loss = tk.linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], softcap=cap, label_smoothing=0.1,
+                                       reduction="none", backend=B)
+        grads = torch.autograd.grad(loss, leaves, core._incoming(loss))
+        logits = tk.logits(leaves[0], leaves[1], bias=leaves[2], softcap=cap, backend=B)
+        out[cap] = (loss, *grads, logits)
+    for a, r in zip(out[float("inf")], out[None]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+def _errors(a, ref):
+    from tolerances import errors
+
+    return errors(a, ref)
+
+
+@pytest.mark.parametrize("cap", [1500.0, 300.0, 30.0])
+def test_softcap_error_within_twice_pytorchs(cap):
+    """fp32 loss and gradients with a softcap: RMS error against fp64 at most 2x plain PyTorch's
+    fp32 (torch.tanh), max error at most 4x.  The former tanh, 1 - 2/(exp(2x) + 1), was 58x at
+    softcap=1500: it loses everything below 1e-7 absolute of tanh(z/c), i.e. 1e-4 of the logit."""
+    gen = torch.Generator().manual_seed(11)
+    n, d, v = 40, 64, 300
+    h = torch.randn(n, d, generator=gen, dtype=F64)
+    w = torch.randn(v, d, generator=gen, dtype=F64) * 0.5
+    labels = torch.randint(0, v, (n,), generator=gen)
+
+    def plain(h_, w_):
+        z = torch.nn.functional.linear(h_, w_)
+        return torch.nn.functional.cross_entropy(cap * torch.tanh(z / cap), labels, reduction="sum")
+
+    def run(fn, dtype):
+        a, b = h.to(dtype).requires_grad_(), w.to(dtype).requires_grad_()
+        loss = fn(a, b)
+        return (loss, *torch.autograd.grad(loss, [a, b]))
+
+    ref = run(plain, F64)
+    pt = run(plain, torch.float32)
+    ours = run(lambda a, b: tk.linear_cross_entropy(a, b, labels, softcap=cap, reduction="sum", backend=B),
+               torch.float32)
+    for name, o, p, r in zip(("loss", "dh", "dW"), ours, pt, ref):
+        (o_rms, o_max), (p_rms, p_max) = _errors(o, r), _errors(p, r)
+        assert o_rms <= 2 * p_rms + 1e-9 and o_max <= 4 * p_max + 1e-9, (name, o_rms, p_rms, o_max, p_max)
+    # the logits op's elementwise softcap on the same fp32 logits as torch.tanh
+    z32 = torch.nn.functional.linear(h.float(), w.float())
+    got = tk.logits(h.float(), w.float(), softcap=cap, backend=B)
+    exact = cap * torch.tanh(z32.double() / cap)
+    (o_rms, o_max), (p_rms, p_max) = _errors(got, exact), _errors(cap * torch.tanh(z32 / cap), exact)
+    assert o_rms <= 2 * p_rms and o_max <= 4 * p_max, (o_rms, p_rms, o_max, p_max)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("opts", ["bias", "softcap", "bias+softcap+scale"])
+def test_lse_meets_cut_cross_entropy_rule(dtype, opts):
+    """Cut Cross-Entropy's test_lse rule, per row: |exact - lse| <= |exact - same-dtype PyTorch|
+    + 1e-5, with a bias or a softcap: the chunk's logits stay fp32 until the bias, the scale and
+    the softcap are applied (PyTorch here: logits in the input dtype, logsumexp in fp32)."""
+    gen = torch.Generator().manual_seed(7)
+    n, d, v = 48, 64, 500
+    h = torch.randn(n, d, generator=gen, dtype=F64).to(dtype)
+    w = (torch.randn(v, d, generator=gen, dtype=F64) * 0.3).to(dtype)
+    b = (torch.randn(v, generator=gen, dtype=F64) * 2).to(dtype) if "bias" in opts else None
+    cap = 7.0 if "softcap" in opts else None
+    scale = 0.8 if "scale" in opts else 1.0
+    labels = torch.randint(0, v, (n,), generator=gen)
+
+    def transform(z):
+        z = z * scale
+        return cap * torch.tanh(z / cap) if cap else z
+
+    exact = torch.logsumexp(transform(torch.nn.functional.linear(h.double(), w.double(),
+                                                                  b.double() if b is not None else None)), dim=1)
+    same = torch.logsumexp(transform(torch.nn.functional.linear(h, w, b)).float(), dim=1).double()
+    _, lse = tk.linear_cross_entropy(h, w, labels, bias=b, softcap=cap, logit_scale=scale, reduction="none",
+                                     return_lse=True, backend=B)
+    err, allowed = (exact - lse.double()).abs(), (exact - same).abs() + 1e-5
+    assert (err <= allowed).all(), f"{int((err > allowed).sum())} rows fail; worst {float((err - allowed).max())}"
+
+
+def _new_option_inputs(dtype, v=41, n=23, d=16):
+    gen = torch.Generator().manual_seed(13)
+    h = torch.randn(n, d, generator=gen, dtype=F64)
+    w = torch.randn(v, d, generator=gen, dtype=F64) * 0.5
+    b = torch.randn(v, generator=gen, dtype=F64)
+    w[[7, 20]] = w[3].clone()  # classes 3, 7 and 20 tie (20 in another split under split_rows): argmax picks 3
+    b[[7, 20]] = b[3].clone()
+    h[0] = w[3] * 4
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[[1, 5]] = -100
+    cw = torch.rand(v, generator=gen, dtype=F64) + 0.2
+    return [x.to(dtype) for x in (h, w, b)] + [labels, cw.to(torch.float32 if dtype != F64 else F64)]
+
+
+def _torch_op(name):
+    return getattr(torch.ops.tiedkernels, "torch_" + name).default
+
+
+@pytest.mark.parametrize("splits", [False, True], ids=["rows", "splits"])
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
+def test_class_weight_stats_and_grad_lse(request, splits, dtype):
+    """class_weight, return_stats (argmax, entropy) and grad_lse against the torch backend's
+    template on the same values in fp64, with label smoothing, z-loss, softcap, scale, bias and
+    ignored tokens; and the weighted mean against F.cross_entropy(weight=)."""
+    if splits:
+        request.getfixturevalue("split_rows")
+    h, w, b, labels, cw = _new_option_inputs(dtype)
+    n = h.shape[0]
+    opts = (-100, 0.1, 1e-2, 6.0, 0.9, 0, 0, 5)
+    gen = torch.Generator().manual_seed(2)
+    g = torch.rand(n, generator=gen, dtype=F64) * 2 - 1
+    gl = torch.rand(n, generator=gen, dtype=F64) * 2 - 1
+    tri = (backends.get(B).op("lce_fwd"), backends.get(B).op("lce_bwd"), backends.get(B).op("lce_stats"))
+    ref = (_torch_op("lce_fwd"), _torch_op("lce_bwd"), _torch_op("lce_stats"))
+    h64, w64, b64, cw64 = h.double(), w.double(), b.double(), cw.double()
+    got_f = tri[0](h, w, b, labels, None, *opts, False, False, False, cw, True)
+    want_f = ref[0](h64, w64, b64, labels, None, *opts, False, False, False, cw64, True)
+    tol = torch.float32 if dtype == torch.bfloat16 else dtype  # the same values: only the arithmetic differs
+    for name, a, r in zip(("loss", "lse"), got_f[:2], want_f[:2]):
+        assert_close(a, r, dtype=tol, name=name)
+    assert torch.equal(got_f[5], want_f[5]), "argmax"
+    assert got_f[5][0] == 3
+    assert_close(got_f[6], want_f[6], dtype=tol, name="entropy")
+    sdt = got_f[1].dtype
+    got_b = tri[1](g.to(sdt), h, w, b, labels, got_f[1], *opts, True, True, True, cw, gl.to(sdt))
+    want_b = ref[1](g, h64, w64, b64, labels, want_f[1], *opts, True, True, True, cw64, gl)
+    # bf16: dz is rounded to bf16 for the GEMMs, as PyTorch's own backward does (and the interpreter
+    # rounds toward zero): a few bf16 ulps, far below what a wrong or missing term moves
+    rtol, atol = {F64: (1e-10, 1e-12), torch.float32: (1e-4, 1e-5), torch.bfloat16: (2 ** -5, 1e-2)}[dtype]
+    for name, a, r in zip(("dh", "dW", "db"), got_b, want_b):
+        torch.testing.assert_close(a.double(), r, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+    st = tri[2](h, w, b, labels, -100, 6.0, 0.9, 0, 0, 5, cw)
+    assert_close(st, ref[2](h64, w64, b64, labels, -100, 6.0, 0.9, 0, 0, 5, cw64), dtype=tol, name="shard stats")
+    if dtype == F64:
+        z = 6.0 * torch.tanh((torch.nn.functional.linear(h64, w64, b64) * 0.9) / 6.0)
+        keep = labels != -100
+        cy = cw64[labels[keep]]
+        mean = (got_f[0].sum() - 1e-2 * (cy * got_f[1][keep] ** 2).sum()) / cy.sum()  # without the z-loss term
+        want = torch.nn.functional.cross_entropy(z, labels, weight=cw64, label_smoothing=0.1)
+        torch.testing.assert_close(mean, want)

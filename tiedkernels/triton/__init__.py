@@ -64,7 +64,7 @@ def load():
         from . import cross_entropy, embedding, logits  # noqa: F401  (define the ops)
         from .. import ops
 
-        _state["interpret"] = _interpreted(cross_entropy._lse_kernel)
+        _state["interpret"] = _interpreted(cross_entropy._stats_kernel)
         if _state["interpret"]:
             _keep_opaque_when_traced(embedding.OPS + logits.OPS + cross_entropy.OPS)
 

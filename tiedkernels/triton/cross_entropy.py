@@ -1,19 +1,30 @@
-"""Triton fused linear + cross-entropy: the [N, V] logits never exist, not even per chunk.
+"""Triton fused linear + cross-entropy: the chunked driver of the ``cuda`` backend, with the
+row work in Triton and the GEMMs through torch (cuBLAS on a GPU).
 
-Two kernels over tiles of ``z = h W^T`` (fp32 accumulation, any input dtype):
+Per chunk of rows (``chunk_size``, the caller's chunk rule):
 
-* ``_lse_kernel``: one program per block of rows walks the vocabulary in tiles with an online
-  logsumexp, picking up the target logit and the sum of logits (label smoothing); it writes
-  lse, the per-token loss and the shard statistics.
-* ``_grad_kernel``: one program per (row block, vocabulary tile) recomputes its logits tile,
-  turns it into ``dz`` with the given lse and incoming gradient, and adds ``dz W`` into
-  ``dh`` and ``dz^T h`` into ``dW`` (fp32 accumulators, atomic adds across tiles), ``db``
-  likewise.
+1. ``z = h_c W^T`` [C, V] by one torch GEMM.  Low-precision inputs with a bias, a softcap or a
+   logit scale get their logits in fp32 (cuBLAS ``mm`` with ``out_dtype=float32``: fp32
+   accumulation, no rounding before the bias and the softcap are applied); otherwise the
+   logits are in the input dtype, as a stock model computes them.
+2. ``_stats_kernel``, grid (rows, splits): each program walks its slice of the vocabulary in
+   ``BLOCK_V`` tiles and keeps an online logsumexp (max, sum of exp), the sum of the logits (label
+   smoothing) and the target logit.  ``splits`` is 1 when the chunk's rows alone give every SM
+   ``PROGRAMS_PER_SM`` programs; otherwise the vocabulary is split so that they do.
+3. ``_finish_kernel``: merges the splits' partial statistics per row (a few bytes per row and
+   split) into lse, the per-token loss and the shard statistics.
+4. With a gradient: ``_grad_kernel``, same grid, overwrites the logits with ``dL/dz`` (in place
+   when they are in the input dtype, else into a buffer of the input dtype); then ``dh_c = dz W``
+   and ``dW += dz^T h_c`` through torch (fp32 ``dW`` accumulation for bf16/fp16).
+
+6·N·D·V flops (three GEMMs) for a training step, no atomics, extra memory one chunk of logits
+(plus one chunk of ``dz`` when the logits are fp32) and the fp32 ``dW`` accumulator.
+``tiedkernels/triton/plan.py`` derives each launch's programs, flops and bytes from the same
+rules (``row_config``, ``splits``, ``fp32_logits``).
 
 Strategies (DESIGN section 2): with ``grad_scale`` (a scalar loss that needs a gradient)
-``lce_fwd`` runs both kernels and returns the finished gradients; otherwise it runs the
-first only and ``lce_bwd`` runs the second with the real incoming gradient.  ``chunk_size``
-has no effect here: there is no logits buffer to bound.
+``lce_fwd`` finishes the gradients in the same pass; otherwise it computes lse only and
+``lce_bwd`` recomputes the chunks with the real incoming gradient.
 
 A label outside [0, V) (not ignore_index) is reported as an IndexError (see
 ``_common.check_indices``); the kernels never read out of bounds with it: its loss and
@@ -27,155 +38,267 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import check_indices, dot_precision, interpreted, stat_dtype, tl_acc
+from ._common import check_indices, interpreted, softcap_args, stat_dtype, tanh
+
+# The row kernels' launch rules (also read by plan.py).
+PROGRAMS_PER_SM = 4  # wanted programs per SM for the row kernels (at least 2 fill it)
+NSTAT = 4  # partial statistics per (row, split): max, sum of exp, sum of logits, target logit
+FINISH_ROWS = 128  # rows per program of _finish_kernel
+FINISH_WARPS = 4
+INTERPRET_SMS = 1  # the "SM count" under the interpreter (each program costs Python time there)
+DW_TILE_BYTES = 32 << 20  # fallback dW accumulation (no fp32-output GEMM): vocabulary tiles of this size
+
+
+def row_config(dtype, v, interpret=False):
+    """(BLOCK_V, num_warps) of the stats and grad kernels for logits of ``dtype``, ``v`` columns.
+
+    GPU: 2,048 columns per tile and 8 warps, any dtype: 8 elements per thread (16 to 64 bytes,
+    vector loads), a few dozen registers, no shared memory beyond the reductions' scratch.
+    The interpreter pays per program and per loop step, not per register: one tile for a small
+    vocabulary, wide ones for a large (tests/test_triton.py narrows them to cross tile and split
+    boundaries)."""
+    if interpret:
+        return (128 if v <= 128 else 4096), 4
+    return 2048, 8
+
+
+def splits(rows, v, block_v, sms):
+    """(splits, span): vocabulary slices per row so that rows * splits >= PROGRAMS_PER_SM * sms,
+    each slice a whole number of BLOCK_V tiles."""
+    tiles = max(1, triton.cdiv(v, block_v))
+    want = max(1, triton.cdiv(PROGRAMS_PER_SM * sms, max(1, rows)))
+    s = min(tiles, want)
+    span = triton.cdiv(tiles, s) * block_v
+    return triton.cdiv(max(v, 1), span), span
+
+
+def fp32_logits(dtype, has_bias, has_cap, logit_scale):
+    """Whether a chunk's logits are kept in fp32 (low-precision inputs whose logits are
+    transformed: the bias, softcap and scale are applied before any rounding)."""
+    return dtype in (torch.bfloat16, torch.float16) and (has_bias or has_cap or logit_scale != 1.0)
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return INTERPRET_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
-def _tanh(x):
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _dot(a, b, acc, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
-    # The interpreter (triton 3.9) multiplies bf16 operands wrongly; fp32 operands give the same
-    # products there (a bf16 x bf16 product is exact in fp32).  Never set on the GPU.
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=ACC)
-
-
-@triton.jit
-def _logits_tile(H, W, B, rows, cols, rmask, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap,
-                 inv_softcap, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    """softcap((h W^T + b) * scale) for one [BN, BV] tile, in the accumulation type."""
-    acc = tl.zeros([BN, BV], dtype=ACC)
-    rows64 = rows.to(tl.int64)
-    cols64 = cols.to(tl.int64)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        dmask = dd < D
-        h = tl.load(H + rows64[:, None] * stride_hn + dd[None, :] * stride_hd, mask=rmask[:, None] & dmask[None, :],
-                    other=0.0)
-        w = tl.load(W + cols64[:, None] * stride_wv + dd[None, :] * stride_wd, mask=cmask[:, None] & dmask[None, :],
-                    other=0.0)
-        acc = _dot(h, tl.trans(w), acc, PREC, ACC, UPCAST)
-    if HAS_BIAS:
-        acc += tl.load(B + cols64, mask=cmask, other=0.0).to(ACC)[None, :]
-    f = acc * scale
-    if HAS_CAP:
-        f = softcap * _tanh(f * inv_softcap)
+def _transform(z, B, cols, cmask, scale, cap, inv_cap, has_bias, has_cap, ACC: tl.constexpr):
+    """softcap((z + b) * scale) in the accumulation type."""
+    f = z.to(ACC)
+    if has_bias:
+        f += tl.load(B + cols, mask=cmask, other=0.0).to(ACC)
+    f = f * scale
+    if has_cap:
+        f = cap * tanh(f * inv_cap)
     return f
 
 
 @triton.jit
-def _lse_kernel(H, W, B, LAB, LSE, LOSS, ZY, SUMF, N, V, D, valid, stride_hn, stride_hd, stride_wv, stride_wd,
-                ignore_index, vocab_start, vocab_total, eps, z_loss, inv_vocab, scale, softcap, inv_softcap,
-                HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    rmask = rows < N
-    y = tl.load(LAB + rows, mask=rmask, other=ignore_index).to(tl.int64)
+def _row_label(LAB, CW, row, ignore_index, vocab_start, vocab_total, valid, has_cw, ACC: tl.constexpr):
+    """(ignored, bad, target column in this shard or -1, class weight of the target: 0 when
+    ignored or bad, 1 without class weights)."""
+    y = tl.load(LAB + row).to(tl.int64)
     ignored = y == ignore_index
     bad = (~ignored) & ((y < 0) | (y >= vocab_total))
-    local = tl.where(ignored | bad, -1, y - vocab_start)
-    m = tl.full([BN], float("-inf"), dtype=ACC)
-    s = tl.zeros([BN], dtype=ACC)
-    sf = tl.zeros([BN], dtype=ACC)
-    zy = tl.zeros([BN], dtype=ACC)
-    for v0 in range(0, V, BV):
-        cols = v0 + tl.arange(0, BV)
-        cmask = cols < valid
-        f = _logits_tile(H, W, B, rows, cols, rmask, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd, scale,
-                         softcap, inv_softcap, HAS_BIAS, HAS_CAP, ACC, PREC, UPCAST, BN, BV, BD)
-        sf += tl.sum(tl.where(cmask[None, :], f, 0.0), axis=1)
-        zy += tl.sum(tl.where(cols[None, :] == local[:, None], f, 0.0), axis=1)
-        f = tl.where(cmask[None, :], f, float("-inf"))
-        m_new = tl.maximum(m, tl.max(f, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(f - m_ref[:, None]), axis=1)
-        m = m_new
-    lse = m + tl.log(s)
-    # A NaN in the row reaches s (exp(NaN) = NaN) or sf; keep it in lse as PyTorch would.
-    lse = tl.where(sf != sf, sf, lse)
-    loss = (1.0 - eps) * (lse - zy) + eps * (lse - sf * inv_vocab) + z_loss * lse * lse
-    loss = tl.where(ignored, 0.0, loss)
-    loss = tl.where(bad, float("nan"), loss)
-    tl.store(LSE + rows, lse, mask=rmask)
-    tl.store(LOSS + rows, loss, mask=rmask)
-    tl.store(ZY + rows, zy, mask=rmask)
-    tl.store(SUMF + rows, sf, mask=rmask)
-
-
-@triton.jit
-def _grad_kernel(H, W, B, LAB, LSE, G, DH, DW, DB, N, V, D, valid, stride_hn, stride_hd, stride_wv, stride_wd,
-                 ignore_index, vocab_start, vocab_total, eps, z_loss, inv_vocab, scale, softcap, inv_softcap,
-                 G_SCALAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CAP: tl.constexpr, COMPUTE_DH: tl.constexpr,
-                 COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
-                 BN: tl.constexpr, BV: tl.constexpr, BD: tl.constexpr):
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    cols = tl.program_id(1) * BV + tl.arange(0, BV)
-    rmask = rows < N
-    cmask = cols < valid
-    y = tl.load(LAB + rows, mask=rmask, other=ignore_index).to(tl.int64)
-    ignored = y == ignore_index
-    bad = (~ignored) & ((y < 0) | (y >= vocab_total))
-    local = tl.where(ignored | bad, -1, y - vocab_start)
-    lse = tl.load(LSE + rows, mask=rmask, other=0.0).to(ACC)
-    if G_SCALAR:
-        g = tl.zeros([BN], dtype=ACC) + tl.load(G).to(ACC)
+    local = y - vocab_start
+    target = tl.where(ignored | bad | (local < 0) | (local >= valid), -1, local)
+    if has_cw:
+        cy = tl.load(CW + tl.where(ignored | bad, 0, y), mask=~(ignored | bad), other=0.0).to(ACC)
     else:
-        g = tl.load(G + rows, mask=rmask, other=0.0).to(ACC)
-    f = _logits_tile(H, W, B, rows, cols, rmask, cmask, D, stride_hn, stride_hd, stride_wv, stride_wd, scale, softcap,
-                     inv_softcap, HAS_BIAS, HAS_CAP, ACC, PREC, UPCAST, BN, BV, BD)
-    a = g * (1.0 + 2.0 * z_loss * lse)
+        cy = tl.where(ignored | bad, 0.0, 1.0).to(ACC)
+    return ignored, bad, target, cy
+
+
+# The option flags (has_*, stats, write_*) are runtime ints that Triton must not specialize (it
+# would fold a flag of 1 into a binary of its own): one binary per dtype, which plan.py compiles
+# ahead of time.
+
+
+@triton.jit(do_not_specialize=["has_bias", "has_cap", "has_cw", "stats"])
+def _stats_kernel(Z, B, CW, LAB, PART, PIDX, rows, v, valid, span, stride_z, ignore_index, vocab_start, vocab_total,
+                  scale, cap, inv_cap, has_bias, has_cap, has_cw, stats, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Partial statistics of row ``pid(0)`` over the vocabulary slice ``pid(1)``, in one read of
+    the logits: max, sum of exp(f - max) (NaN logits make it NaN), sum of c_j f_j (c = 1 without
+    class weights), the target f; with STATS also sum of exp(f - max) f (entropy) and the first
+    index of the max (argmax)."""
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    nsp = tl.num_programs(1)
+    _, _, target, _ = _row_label(LAB, CW, row, ignore_index, vocab_start, vocab_total, valid, has_cw, ACC)
+    zrow = Z + row.to(tl.int64) * stride_z
+    lo = sp * span
+    hi = tl.minimum(lo + span, valid)
+    m = tl.full([], float("-inf"), dtype=ACC)
+    s = tl.zeros([], dtype=ACC)
+    sf = tl.zeros([], dtype=ACC)
+    zy = tl.zeros([], dtype=ACC)
+    sp_f = tl.zeros([], dtype=ACC)
+    best = lo
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < hi
+        f = _transform(tl.load(zrow + cols, mask=cmask, other=0.0), B, cols, cmask, scale, cap, inv_cap, has_bias,
+                       has_cap, ACC)
+        f = tl.where(cmask, f, float("-inf"))
+        if has_cw:
+            c = tl.load(CW + vocab_start + cols, mask=cmask, other=0.0).to(ACC)
+            sf += tl.sum(tl.where(cmask, c * f, 0.0))
+        else:
+            sf += tl.sum(tl.where(cmask, f, 0.0))
+        zy += tl.sum(tl.where(cols == target, f, 0.0))
+        tmax = tl.max(f)
+        m_new = tl.maximum(m, tmax)
+        # an infinite max (all -inf so far, or a +inf logit) is no reference point: exp(0) mass
+        m_ref = tl.where((m_new == float("inf")) | (m_new == float("-inf")), 0.0, m_new)
+        alpha = tl.exp(m - m_ref)
+        e = tl.exp(f - m_ref)
+        s = s * alpha + tl.sum(e)
+        if stats:
+            # an entry of probability 0 adds 0, even at f = -inf
+            sp_f = sp_f * alpha + tl.sum(tl.where(e > 0, e * f, 0.0))
+            best = tl.where(tmax > m, v0 + tl.argmax(f, axis=0), best)
+        m = m_new
+    base = PART + row * nsp + sp
+    plane = rows * nsp
+    tl.store(base, m)
+    tl.store(base + plane, s)
+    tl.store(base + 2 * plane, sf)
+    tl.store(base + 3 * plane, zy)
+    if stats:
+        tl.store(base + 4 * plane, sp_f)
+        tl.store(PIDX + row * nsp + sp, best)
+
+
+@triton.jit(do_not_specialize=["has_cw", "write_loss", "write_shard", "stats"])
+def _finish_kernel(PART, PIDX, LAB, CW, CSUM, LSE, LOSS, SOUT, PRED, ENT, rows, nsp, valid, ignore_index,
+                   vocab_start, vocab_total, eps, z_loss, inv_vocab, stats_stride, has_cw,
+                   write_loss, write_shard, stats, ACC: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """Merge the splits of BLOCK_R rows: lse, the token loss (0 when ignored, NaN for a bad
+    label), the shard statistics (lse, target logit, sum of c_j z_j) and, with STATS, the
+    argmax and the entropy."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    plane = rows * nsp
+    m = tl.full([BLOCK_R], float("-inf"), dtype=ACC)
+    s = tl.zeros([BLOCK_R], dtype=ACC)
+    sf = tl.zeros([BLOCK_R], dtype=ACC)
+    zy = tl.zeros([BLOCK_R], dtype=ACC)
+    spf = tl.zeros([BLOCK_R], dtype=ACC)
+    best = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for k in range(0, nsp):
+        p = PART + r * nsp + k
+        m2 = tl.load(p, mask=rmask, other=float("-inf"))
+        s2 = tl.load(p + plane, mask=rmask, other=0.0)
+        sf += tl.load(p + 2 * plane, mask=rmask, other=0.0)
+        zy += tl.load(p + 3 * plane, mask=rmask, other=0.0)
+        m_new = tl.maximum(m, m2)
+        m_ref = tl.where((m_new == float("inf")) | (m_new == float("-inf")), 0.0, m_new)
+        a1 = tl.exp(m - m_ref)
+        a2 = tl.exp(m2 - m_ref)
+        s = s * a1 + s2 * a2
+        if stats:
+            spf = spf * a1 + tl.load(p + 4 * plane, mask=rmask, other=0.0) * a2
+            idx = tl.load(PIDX + r * nsp + k, mask=rmask, other=0)
+            best = tl.where((k == 0) | (m2 > m), idx, best)
+        m = m_new
+    # m + log(s): -inf for a row of -inf logits (s = 0), +inf with a +inf logit, NaN with a NaN one
+    lse = tl.where(m == float("-inf"), m + s * 0.0, m + tl.log(s))
+    y = tl.load(LAB + r, mask=rmask, other=ignore_index).to(tl.int64)
+    ignored = y == ignore_index
+    bad = (~ignored) & ((y < 0) | (y >= vocab_total))
+    if write_loss:
+        tl.store(LSE + r, lse, mask=rmask)
+        if has_cw:
+            cy = tl.load(CW + tl.where(ignored | bad, 0, y), mask=rmask & ~(ignored | bad), other=0.0).to(ACC)
+            c_sum = tl.load(CSUM).to(ACC)
+        else:
+            cy = tl.full([BLOCK_R], 1.0, dtype=ACC)
+            c_sum = (vocab_total * 1.0).to(ACC)
+        loss = (1.0 - eps) * (lse - zy)
+        if z_loss > 0:
+            loss += z_loss * lse * lse
+        loss = cy * loss
+        if eps > 0:  # never 0 * inf: a -inf logit (a masked entry) makes the sum of logits -inf
+            loss += (eps * inv_vocab) * (c_sum * lse - sf)
+        loss = tl.where(ignored, 0.0, loss)
+        loss = tl.where(bad, float("nan"), loss)
+        tl.store(LOSS + r, loss, mask=rmask)
+    if write_shard:
+        tl.store(SOUT + r, lse, mask=rmask)
+        tl.store(SOUT + stats_stride + r, zy, mask=rmask)
+        tl.store(SOUT + 2 * stats_stride + r, sf, mask=rmask)
+    if stats:
+        tl.store(PRED + r, best.to(tl.int64) + vocab_start, mask=rmask)
+        tl.store(ENT + r, lse - spf / s, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["has_bias", "has_cap", "has_cw", "has_gl"])
+def _grad_kernel(Z, DZ, B, CW, CSUM, LAB, LSE, G, GL, v, valid, span, stride_z, stride_dz, stride_g, ignore_index,
+                 vocab_start, vocab_total, eps, z_loss, inv_vocab, scale, cap, inv_cap, has_bias,
+                 has_cap, has_cw, has_gl, ACC: tl.constexpr,
+                 BLOCK_V: tl.constexpr):
+    """dL/dz of row ``pid(0)`` over the vocabulary slice ``pid(1)`` into DZ (may be Z itself):
+    coef p_j - g (1-eps) c[y] [j = y] - g (eps/V) c_j with coef = g c[y] ((1-eps) + 2 z_loss lse)
+    + g (eps/V) sum(c) + grad_lse, times the softcap's and the scale's derivative; 0 beyond
+    ``valid``, 0 on ignored rows (but for grad_lse), NaN on a bad label's row."""
+    row = tl.program_id(0)
+    sp = tl.program_id(1)
+    ignored, bad, target, cy = _row_label(LAB, CW, row, ignore_index, vocab_start, vocab_total, valid, has_cw, ACC)
+    lse = tl.load(LSE + row).to(ACC)
+    g = tl.load(G + row * stride_g).to(ACC)
+    g = tl.where(ignored, 0.0, g)
+    if has_cw:
+        c_sum = tl.load(CSUM).to(ACC)
+    else:
+        c_sum = (vocab_total * 1.0).to(ACC)
+    coef = g * cy * ((1.0 - eps) + 2.0 * z_loss * lse)
+    if eps > 0:
+        coef += g * (eps * inv_vocab) * c_sum
+    keep = ~ignored
+    if has_gl:
+        coef += tl.load(GL + row).to(ACC)
+        keep = keep | ignored
+    gt = g * cy * (1.0 - eps)
     b = g * eps * inv_vocab
-    dz = a[:, None] * tl.exp(f - lse[:, None]) - b[:, None]
-    dz -= tl.where(cols[None, :] == local[:, None], (g * (1.0 - eps))[:, None], 0.0)
-    if HAS_CAP:
-        t = f * inv_softcap
-        dz = dz * (1.0 - t * t)
-    dz = dz * scale
-    live = rmask & ~ignored
-    dz = tl.where(live[:, None] & cmask[None, :], dz, 0.0)
-    dz = tl.where(bad[:, None] & cmask[None, :], float("nan"), dz)
-    cols64 = cols.to(tl.int64)
-    rows64 = rows.to(tl.int64)
-    if COMPUTE_DB:
-        tl.atomic_add(DB + cols64, tl.sum(dz, axis=0), mask=cmask)
-    dzc = dz.to(H.dtype.element_ty)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        dmask = dd < D
-        if COMPUTE_DH:
-            w = tl.load(W + cols64[:, None] * stride_wv + dd[None, :] * stride_wd,
-                        mask=cmask[:, None] & dmask[None, :], other=0.0)
-            part = _dot(dzc, w, None, PREC, ACC, UPCAST)
-            tl.atomic_add(DH + rows64[:, None] * D + dd[None, :], part, mask=rmask[:, None] & dmask[None, :])
-        if COMPUTE_DW:
-            h = tl.load(H + rows64[:, None] * stride_hn + dd[None, :] * stride_hd,
-                        mask=rmask[:, None] & dmask[None, :], other=0.0)
-            part = _dot(tl.trans(dzc), h, None, PREC, ACC, UPCAST)
-            tl.atomic_add(DW + cols64[:, None] * D + dd[None, :], part, mask=cmask[:, None] & dmask[None, :])
+    zrow = Z + row.to(tl.int64) * stride_z
+    drow = DZ + row.to(tl.int64) * stride_dz
+    lo = sp * span
+    hi = tl.minimum(lo + span, v)
+    for v0 in range(lo, hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        cmask = cols < hi
+        live = cols < valid
+        f = _transform(tl.load(zrow + cols, mask=cmask & live, other=0.0), B, cols, cmask & live, scale, cap,
+                       inv_cap, has_bias, has_cap, ACC)
+        dz = coef * tl.exp(f - lse)
+        if eps > 0:
+            if has_cw:
+                dz -= b * tl.load(CW + vocab_start + cols, mask=cmask & live, other=0.0).to(ACC)
+            else:
+                dz -= b
+        dz -= tl.where(cols == target, gt, 0.0)
+        if has_cap:
+            t = f * inv_cap
+            dz = dz * (1.0 - t * t)
+        dz = dz * scale
+        dz = tl.where(live & keep, dz, 0.0)
+        dz = tl.where(live & bad, float("nan"), dz)
+        tl.store(drow + cols, dz.to(DZ.dtype.element_ty), mask=cmask)
 
 
-def _blocks(hidden, v):
-    """(BN, BV, BD, num_warps, num_stages).  In the interpreter every program and loop step
-    costs Python time and registers cost nothing: wide vocabulary tiles.  On the GPU,
-    H100/A100-sized tiles."""
-    if interpreted(hidden):
-        return 16, (128 if v <= 4096 else 1024), 32, 4, 1
-    if hidden.dtype == torch.float32 or hidden.dtype == torch.float64:
-        return 64, 64, 32, 4, 2
-    return 128, 128, 64, 8, 3
+def _has_dtype_mm():
+    return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 class _Args:
-    """The launch arguments every kernel shares, derived once per op call."""
+    """One op call: the checked arguments, the launch rules and the per-chunk driver."""
 
     def __init__(self, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
-                 vocab_start, vocab_total, chunk_size):
+                 vocab_start, vocab_total, chunk_size, class_weight=None):
         if chunk_size <= 0:
             raise RuntimeError(f"tiedkernels: chunk_size must be positive, got {chunk_size}")
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -185,68 +308,215 @@ class _Args:
             raise RuntimeError(f"tiedkernels: labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
         if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
             raise RuntimeError("tiedkernels: hidden, weight and bias must have one dtype")
-        if softcap < 0:
-            raise RuntimeError("tiedkernels: softcap must be positive (0 disables it)")
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+            raise RuntimeError(f"tiedkernels: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
+        if vocab_start < 0:
+            raise RuntimeError("tiedkernels: vocab_start must be >= 0")
+        has_cap, cap, inv_cap = softcap_args(softcap)
         self.n, self.d = hidden.shape
         self.v = weight.shape[0]
         self.vt = vocab_total if vocab_total > 0 else vocab_start + self.v
         self.valid = max(0, min(self.v, self.vt - vocab_start))
+        self.dtype = hidden.dtype
         self.sdt = stat_dtype(hidden.dtype)
-        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.hidden = hidden.contiguous()
+        self.weight = weight.contiguous()
+        self.bias = bias.contiguous() if bias is not None else None
         self.labels = labels.to(torch.int64).contiguous()
-        self.bn, self.bv, self.bd, self.warps, self.stages = _blocks(hidden, self.v)
-        self.common = (self.n, self.v, self.d, self.valid, hidden.stride(0), hidden.stride(1), weight.stride(0),
-                       weight.stride(1), int(ignore_index), int(vocab_start), int(self.vt), float(label_smoothing),
-                       float(z_loss), 1.0 / self.vt, float(logit_scale), float(softcap),
-                       1.0 / softcap if softcap > 0 else 0.0)
-        self.flags = dict(HAS_BIAS=bias is not None, HAS_CAP=softcap > 0, ACC=tl_acc(hidden.dtype),
-                          PREC=dot_precision(hidden.dtype),
-                          UPCAST=interpreted(hidden) and hidden.dtype in (torch.bfloat16, torch.float16))
         self.ignore_index = int(ignore_index)
-
-    def bias_arg(self):
-        return self.bias if self.bias is not None else self.weight  # never read without HAS_BIAS
+        self.vocab_start = int(vocab_start)
+        self.eps, self.z_loss, self.scale = float(label_smoothing), float(z_loss), float(logit_scale)
+        self.cap, self.inv_cap, self.has_cap = cap, inv_cap, has_cap
+        self.interpret = interpreted(hidden)
+        self.block_v, self.warps = row_config(hidden.dtype, self.v, self.interpret)
+        self.sms = _sm_count(hidden.device)
+        self.chunk = max(1, min(int(chunk_size), self.n))
+        self.z32 = fp32_logits(hidden.dtype, bias is not None, has_cap, self.scale)
+        self.zdtype = torch.float32 if self.z32 else hidden.dtype
+        self._w32 = None
+        self._zbuf = None
+        self._part = None
+        self._pidx = None
+        self.acc = tl.float64 if self.sdt == torch.float64 else tl.float32
+        self.cw = None
+        if class_weight is not None:
+            if class_weight.dim() != 1 or class_weight.shape[0] != self.vt:
+                raise RuntimeError(f"tiedkernels: class_weight must be [vocab_total] = [{self.vt}], got "
+                                   f"{tuple(class_weight.shape)}")
+            if class_weight.device != hidden.device:
+                raise RuntimeError(f"tiedkernels: class_weight is on {class_weight.device} but hidden on "
+                                   f"{hidden.device}")
+            self.cw = class_weight.to(self.sdt).contiguous()
+            self.csum = self.cw.sum().reshape(1)  # on the device: no host read
+        self.common_flags = dict(has_bias=int(bias is not None), has_cap=int(has_cap),
+                                 has_cw=int(self.cw is not None), ACC=self.acc)
 
     def check_labels(self):
         return check_indices(self.labels, self.vt, "label", self.ignore_index)
 
-    def lse_pass(self):
-        """(lse, loss, target logit, sum of logits), each [N] in the stat dtype."""
-        out = [torch.empty((self.n,), dtype=self.sdt, device=self.hidden.device) for _ in range(4)]
-        if self.n > 0:
-            wrap_triton(_lse_kernel)[(triton.cdiv(self.n, self.bn),)](
-                self.hidden, self.weight, self.bias_arg(), self.labels, *out, *self.common,
-                **self.flags, BN=self.bn, BV=self.bv, BD=self.bd, num_warps=self.warps, num_stages=self.stages)
-        return out
+    def bias_arg(self):
+        return self.bias if self.bias is not None else self.weight  # never read without has_bias
 
-    def grad_pass(self, lse, g, want_dh, want_dw, want_db):
-        """Gradients of sum(g * loss) for the given lse: dh, dw, db (empty [0] when not wanted)."""
-        h, w = self.hidden, self.weight
-        acc = self.sdt
-        dh = torch.zeros((self.n, self.d), dtype=acc, device=h.device) if want_dh else None
-        dw = torch.zeros((self.v, self.d), dtype=acc, device=h.device) if want_dw else None
-        db = torch.zeros((self.v,), dtype=acc, device=h.device) if want_db else None
-        if self.n > 0 and self.valid > 0 and (want_dh or want_dw or want_db):
-            g = g.to(acc).contiguous()
-            dummy = lse
-            grid = (triton.cdiv(self.n, self.bn), triton.cdiv(self.valid, self.bv))
-            wrap_triton(_grad_kernel)[grid](
-                h, w, self.bias_arg(), self.labels, lse.contiguous(), g, dh if want_dh else dummy,
-                dw if want_dw else dummy, db if want_db else dummy, *self.common, G_SCALAR=g.dim() == 0,
-                COMPUTE_DH=want_dh, COMPUTE_DW=want_dw, COMPUTE_DB=want_db, **self.flags, BN=self.bn, BV=self.bv,
-                BD=self.bd, num_warps=self.warps, num_stages=self.stages)
-        dh = dh.to(h.dtype) if want_dh else h.new_empty((0,))
-        dw = dw.to(w.dtype) if want_dw else w.new_empty((0,))
-        db = db.to(w.dtype) if want_db else w.new_empty((0,))
-        return dh, dw, db
+    def cw_args(self):
+        """(class weights, their sum), or placeholders never read without has_cw."""
+        if self.cw is None:
+            return self.labels, self.labels
+        return self.cw, self.csum
+
+    # -- per chunk --------------------------------------------------------------------------
+
+    def logits(self, start, rows):
+        """The chunk's raw logits h_c W^T [rows, V] (fp32 or the input dtype), in a buffer reused
+        across chunks."""
+        if self._zbuf is None:
+            self._zbuf = torch.empty((self.chunk, self.v), dtype=self.zdtype, device=self.hidden.device)
+        z = self._zbuf[:rows]
+        hc = self.hidden[start:start + rows]
+        if not self.z32:
+            torch.mm(hc, self.weight.t(), out=z)
+        elif self.hidden.is_cuda and _has_dtype_mm():
+            torch.ops.aten.mm.dtype_out(hc, self.weight.t(), torch.float32, out=z)
+        else:  # fp32 products of low-precision values are exact: the same logits, at fp32 cost
+            if self._w32 is None:
+                self._w32 = self.weight.float()
+            torch.mm(hc.float(), self._w32.t(), out=z)
+        return z
+
+    def row_stats(self, z, labels, lse_out=None, loss_out=None, shard_out=None, pred=None, ent=None):
+        rows = z.shape[0]
+        nsp, span = splits(rows, self.valid, self.block_v, self.sms)
+        want = (NSTAT + 1) * rows * nsp
+        if self._part is None or self._part.numel() < want:
+            self._part = torch.empty((want,), dtype=self.sdt, device=z.device)
+        stats = pred is not None
+        if stats and (self._pidx is None or self._pidx.numel() < rows * nsp):
+            self._pidx = torch.empty((rows * nsp,), dtype=torch.int32, device=z.device)
+        part = self._part
+        pidx = self._pidx if stats else labels
+        cw, csum = self.cw_args()
+        if self.valid > 0:
+            wrap_triton(_stats_kernel)[(rows, nsp)](
+                z, self.bias_arg(), cw, labels, part, pidx, rows, self.v, self.valid, span, z.stride(0),
+                self.ignore_index, self.vocab_start, self.vt, self.scale, self.cap, self.inv_cap, **self.common_flags,
+                stats=int(stats), BLOCK_V=self.block_v, num_warps=self.warps, num_stages=1)
+        else:
+            nsp = 0
+        dummy = part
+        wrap_triton(_finish_kernel)[(triton.cdiv(rows, FINISH_ROWS),)](
+            part, pidx, labels, cw, csum, lse_out if lse_out is not None else dummy,
+            loss_out if loss_out is not None else dummy, shard_out if shard_out is not None else dummy,
+            pred if stats else labels, ent if stats else dummy, rows, nsp, self.valid, self.ignore_index,
+            self.vocab_start, self.vt, self.eps, self.z_loss, 1.0 / self.vt,
+            shard_out.stride(0) if shard_out is not None else 0, has_cw=int(self.cw is not None),
+            write_loss=int(loss_out is not None), write_shard=int(shard_out is not None), stats=int(stats),
+            ACC=self.acc, BLOCK_R=FINISH_ROWS, num_warps=FINISH_WARPS, num_stages=1)
+
+    def row_grad(self, z, dz, labels, lse, g, gl):
+        rows = z.shape[0]
+        nsp, span = splits(rows, self.v, self.block_v, self.sms)
+        cw, csum = self.cw_args()
+        wrap_triton(_grad_kernel)[(rows, nsp)](
+            z, dz, self.bias_arg(), cw, csum, labels, lse, g, gl if gl is not None else lse, self.v, self.valid,
+            span, z.stride(0), dz.stride(0), g.stride(0) if g.dim() == 1 else 0, self.ignore_index,
+            self.vocab_start, self.vt, self.eps, self.z_loss, 1.0 / self.vt, self.scale, self.cap, self.inv_cap,
+            **self.common_flags, has_gl=int(gl is not None), BLOCK_V=self.block_v, num_warps=self.warps, num_stages=1)
+
+    # -- the passes ---------------------------------------------------------------------------
+
+    def run(self, mode, grad_scale=None, lse_in=None, want_dh=False, want_dw=False, want_db=False, grad_lse=None,
+            return_stats=False):
+        """mode "fwd": (loss_vec, lse, dh, dw, db, pred, ent) with gradients of sum(grad_scale * loss)
+        when grad_scale is given and any is wanted, and the predicted token and entropy with
+        return_stats; "bwd": (dh, dw, db) for the incoming gradient grad_scale (and grad_lse) and
+        the given lse; "stats": the [3, N] shard statistics."""
+        n, d, v, dev = self.n, self.d, self.v, self.hidden.device
+        sdt = self.sdt
+        grads = want_dh or want_dw or want_db
+        lse = torch.empty((n,), dtype=sdt, device=dev) if mode == "fwd" else None
+        loss_vec = torch.empty((n,), dtype=sdt, device=dev) if mode == "fwd" else None
+        stats = torch.empty((3, n), dtype=sdt, device=dev) if mode == "stats" else None
+        on = mode == "fwd" and return_stats
+        pred = torch.empty((n if on else 0,), dtype=torch.int64, device=dev)
+        ent = torch.empty((n if on else 0,), dtype=sdt, device=dev)
+        gl_all = grad_lse.to(sdt).contiguous() if grad_lse is not None else None
+        dh = torch.empty((n, d), dtype=self.dtype, device=dev) if want_dh else None
+        low = self.dtype != sdt
+        dw = None  # the first chunk writes it
+        db = torch.zeros((v,), dtype=sdt, device=dev) if want_db else None
+        g_all = grad_scale.to(sdt).contiguous() if grad_scale is not None else None
+        dzbuf = None
+        for start in range(0, n, self.chunk):
+            rows = min(self.chunk, n - start)
+            lab = self.labels[start:start + rows]
+            z = self.logits(start, rows)
+            if mode == "stats":
+                self.row_stats(z, lab, shard_out=stats[:, start:start + rows])
+                continue
+            if mode == "fwd":
+                self.row_stats(z, lab, lse_out=lse[start:start + rows], loss_out=loss_vec[start:start + rows],
+                               pred=pred[start:start + rows] if on else None,
+                               ent=ent[start:start + rows] if on else None)
+            if not grads or self.valid == 0:
+                continue
+            use_lse = lse[start:start + rows] if mode == "fwd" else lse_in[start:start + rows]
+            g = g_all if g_all.dim() == 0 else g_all[start:start + rows]
+            if self.z32:
+                if dzbuf is None:
+                    dzbuf = torch.empty((self.chunk, v), dtype=self.dtype, device=dev)
+                dz = dzbuf[:rows]
+            else:
+                dz = z
+            self.row_grad(z, dz, lab, use_lse, g, gl_all[start:start + rows] if gl_all is not None else None)
+            hc = self.hidden[start:start + rows]
+            if want_dh:
+                torch.mm(dz, self.weight, out=dh[start:start + rows])
+            if want_dw:
+                dw = self._add_dw(dw, dz, hc, low)
+            if want_db:
+                db += dz.sum(0, dtype=sdt)
+        if want_dh and self.valid == 0:
+            dh.zero_()
+        if want_dw and dw is None:
+            dw = torch.zeros((v, d), dtype=sdt, device=dev)
+        out_dh = dh if want_dh else self.hidden.new_empty((0,))
+        out_dw = dw.to(self.weight.dtype) if want_dw else self.weight.new_empty((0,))
+        out_db = db.to(self.weight.dtype) if want_db else self.weight.new_empty((0,))
+        if mode == "stats":
+            return stats
+        if mode == "bwd":
+            return out_dh, out_dw, out_db
+        return loss_vec, lse, out_dh, out_dw, out_db, pred, ent
+
+    def _add_dw(self, dw, dz, hc, low):
+        """dW (fp32 for low precision) = or += dz^T h_c: one GEMM with fp32 output on CUDA; on the
+        CPU (the interpreter) in fp32 (exact products); without an fp32-output GEMM, the chunk's
+        contribution rounded once per vocabulary tile, then added in fp32."""
+        first = dw is None
+        if not low:
+            if first:
+                return torch.mm(dz.t(), hc)
+            return dw.addmm_(dz.t(), hc)
+        if dz.is_cuda and _has_dtype_mm():
+            if first:
+                return torch.ops.aten.mm.dtype_out(dz.t(), hc, torch.float32,
+                                                   out=torch.empty((self.v, self.d), dtype=torch.float32,
+                                                                   device=dz.device))
+            return torch.ops.aten.addmm.dtype_out(dw, dz.t(), hc, torch.float32, out=dw)
+        if not dz.is_cuda:
+            if first:
+                return torch.mm(dz.t().float(), hc.float())
+            return dw.addmm_(dz.t().float(), hc.float())
+        if first:
+            dw = torch.zeros((self.v, self.d), dtype=torch.float32, device=dz.device)
+        tile = max(1, DW_TILE_BYTES // max(1, self.d * dz.element_size()))
+        for v0 in range(0, self.v, tile):
+            dw[v0:v0 + tile].add_(torch.mm(dz[:, v0:v0 + tile].t(), hc))
+        return dw
 
 
-def _not_yet(op, **used):
-    """The options of the op schemas this backend does not implement yet: refused by name."""
-    for name, on in used.items():
-        if on:
-            raise NotImplementedError(f"tiedkernels: {name} is not implemented on the triton backend yet ({op}); "
-                                      "use backend='torch' (or 'cuda' / 'cpu')")
+def _check_grad(g, n, what):
+    if g.dim() not in (0, 1) or (g.dim() == 1 and g.shape[0] != n):
+        raise RuntimeError(f"tiedkernels: {what} must be 0-dim or [N] (N={n}), got {tuple(g.shape)}")
 
 
 @triton_op("tiedkernels::triton_lce_fwd", mutates_args=())
@@ -254,26 +524,24 @@ def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
             softcap: float, logit_scale: float, vocab_start: int, vocab_total: int, chunk_size: int,
             compute_dh: bool, compute_dw: bool, compute_db: bool, class_weight: Optional[torch.Tensor] = None,
-            return_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor]:
-    _not_yet("lce_fwd", class_weight=class_weight is not None, return_stats=return_stats)
+            return_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
     a = _Args(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
-              vocab_total, chunk_size)
-    pending = a.check_labels()
-    stats = a.lse_pass()
-    lse, loss_vec = stats[0], stats[1]
-    grads = grad_scale is not None and (compute_dh or compute_dw or compute_db)
+              vocab_total, chunk_size, class_weight)
     if grad_scale is not None:
+        _check_grad(grad_scale, a.n, "grad scale")
+    pending = a.check_labels()
+    grads = grad_scale is not None
+    loss_vec, lse, dh, dw, db, pred, ent = a.run("fwd", grad_scale, None, grads and compute_dh,
+                                                 grads and compute_dw, grads and compute_db,
+                                                 return_stats=return_stats)
+    if grads:
         gs = grad_scale.to(a.sdt)
-        if gs.dim() not in (0, 1) or (gs.dim() == 1 and gs.shape[0] != a.n):
-            raise RuntimeError("tiedkernels: grad scale must be 0-dim or [N]")
         loss = loss_vec.sum() * gs if gs.dim() == 0 else (loss_vec * gs).sum()
-        dh, dw, db = a.grad_pass(lse, gs, grads and compute_dh, grads and compute_dw, grads and compute_db)
     else:
         loss = loss_vec
-        dh, dw, db = hidden.new_empty((0,)), weight.new_empty((0,)), weight.new_empty((0,))
     pending.finish()
-    return loss, lse, dh, dw, db, hidden.new_empty((0,), dtype=torch.long), hidden.new_empty((0,), dtype=a.sdt)
+    return loss, lse, dh, dw, db, pred, ent
 
 
 @triton_op("tiedkernels::triton_lce_bwd", mutates_args=())
@@ -282,15 +550,16 @@ def lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
             softcap: float, logit_scale: float, vocab_start: int, vocab_total: int, chunk_size: int,
             compute_dh: bool, compute_dw: bool, compute_db: bool, class_weight: Optional[torch.Tensor] = None,
             grad_lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _not_yet("lce_bwd", class_weight=class_weight is not None, grad_lse=grad_lse is not None)
     a = _Args(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
-              vocab_total, chunk_size)
-    if grad_loss.dim() not in (0, 1) or (grad_loss.dim() == 1 and grad_loss.shape[0] != a.n):
-        raise RuntimeError("tiedkernels: the incoming gradient must be 0-dim or [N]")
+              vocab_total, chunk_size, class_weight)
+    _check_grad(grad_loss, a.n, "the incoming gradient")
     if lse.shape != (a.n,):
-        raise RuntimeError("tiedkernels: lse must be [N]")
+        raise RuntimeError(f"tiedkernels: lse must be [N] = [{a.n}], got {tuple(lse.shape)}")
+    if grad_lse is not None and grad_lse.shape != (a.n,):
+        raise RuntimeError(f"tiedkernels: grad_lse must be [N] = [{a.n}], got {tuple(grad_lse.shape)}")
     pending = a.check_labels()
-    dh, dw, db = a.grad_pass(lse.to(a.sdt), grad_loss, compute_dh, compute_dw, compute_db)
+    dh, dw, db = a.run("bwd", grad_loss, lse.to(a.sdt).contiguous(), compute_dh, compute_dw, compute_db,
+                       grad_lse=grad_lse)
     pending.finish()
     return dh, dw, db
 
@@ -299,12 +568,10 @@ def lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
 def lce_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
               ignore_index: int, softcap: float, logit_scale: float, vocab_start: int, vocab_total: int,
               chunk_size: int, class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    _not_yet("lce_stats", class_weight=class_weight is not None)
     a = _Args(hidden, weight, bias, labels, ignore_index, 0.0, 0.0, softcap, logit_scale, vocab_start, vocab_total,
-              chunk_size)
+              chunk_size, class_weight)
     pending = a.check_labels()
-    stats = a.lse_pass()
-    out = torch.stack([stats[0], stats[2], stats[3]])
+    out = a.run("stats")
     pending.finish()
     return out
 

@@ -15,8 +15,9 @@ from torch.library import triton_op, wrap_triton
 
 from ._common import check_indices, tl_acc
 
-BT = 16
-BD = 128
+BT = 16  # tokens per program (gather, atomic scatter)
+BD = 128  # columns per program
+NUM_WARPS = 4
 
 
 @triton.jit
@@ -36,13 +37,11 @@ def _gather_kernel(W, IDS, OUT, T, D, V, stride_wv, stride_wd, BT: tl.constexpr,
     tl.store(OUT + t[:, None].to(tl.int64) * D + dd[None, :], vals, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["has_bad"])
 def _scatter_sorted_kernel(SORTED, PERM, RUN_START, RUN_END, G, OUT, BAD, T, D, V, pad, stride_gt, stride_ov,
-                           stride_od, HAS_BAD: tl.constexpr, ACC: tl.constexpr, BD: tl.constexpr):
+                           stride_od, has_bad, ACC: tl.constexpr, BD: tl.constexpr):
     p = tl.program_id(0)
-    ok = True
-    if HAS_BAD:
-        ok = tl.load(BAD) == 0
+    ok = (has_bad == 0) | (tl.load(BAD) == 0)  # BAD is always a readable pointer (a placeholder without has_bad)
     pid_d = tl.program_id(1)
     dd = pid_d * BD + tl.arange(0, BD)
     dmask = dd < D
@@ -59,8 +58,8 @@ def _scatter_sorted_kernel(SORTED, PERM, RUN_START, RUN_END, G, OUT, BAD, T, D, 
         tl.store(dst, (old.to(ACC) + acc).to(old.dtype), mask=dmask)
 
 
-@triton.jit
-def _scatter_atomic_kernel(IDS, G, OUT, BAD, T, D, V, pad, stride_gt, stride_ov, stride_od, HAS_BAD: tl.constexpr,
+@triton.jit(do_not_specialize=["has_bad"])
+def _scatter_atomic_kernel(IDS, G, OUT, BAD, T, D, V, pad, stride_gt, stride_ov, stride_od, has_bad,
                            BT: tl.constexpr, BD: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -68,7 +67,7 @@ def _scatter_atomic_kernel(IDS, G, OUT, BAD, T, D, V, pad, stride_gt, stride_ov,
     dd = pid_d * BD + tl.arange(0, BD)
     ids = tl.load(IDS + t, mask=t < T, other=-1).to(tl.int64)
     ok = (t < T) & (ids >= 0) & (ids < V) & (ids != pad)
-    if HAS_BAD:
+    if has_bad:
         ok = ok & (tl.load(BAD) == 0)
     m2 = ok[:, None] & (dd < D)[None, :]
     g = tl.load(G + t[:, None].to(tl.int64) * stride_gt + dd[None, :], mask=m2, other=0.0)
@@ -91,14 +90,14 @@ def _scatter_into(out, grad, ids, padding_idx, bad=None):
     if out.dtype == torch.float32 and not torch.are_deterministic_algorithms_enabled():
         wrap_triton(_scatter_atomic_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
             flat.contiguous(), g, out, bad if bad is not None else flat, t, d, v, pad, g.stride(0), out.stride(0),
-            out.stride(1), HAS_BAD=bad is not None, BT=BT, BD=BD)
+            out.stride(1), has_bad=int(bad is not None), BT=BT, BD=BD, num_warps=NUM_WARPS)
         return
     sorted_ids, perm = torch.sort(flat, stable=True)
     run_start = torch.searchsorted(sorted_ids, sorted_ids, right=False)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
     wrap_triton(_scatter_sorted_kernel)[grid](
         sorted_ids, perm, run_start, run_end, g, out, bad if bad is not None else flat, t, d, v, pad, g.stride(0),
-        out.stride(0), out.stride(1), HAS_BAD=bad is not None, ACC=tl_acc(out.dtype), BD=BD)
+        out.stride(0), out.stride(1), has_bad=int(bad is not None), ACC=tl_acc(out.dtype), BD=BD, num_warps=NUM_WARPS)
 
 
 @triton_op("tiedkernels::triton_embedding_fwd", mutates_args=())
@@ -110,7 +109,7 @@ def embedding_fwd(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional
     out = weight.new_empty((t, d))
     if t > 0 and d > 0:
         wrap_triton(_gather_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
-            weight, flat, out, t, d, v, weight.stride(0), weight.stride(1), BT=BT, BD=BD)
+            weight, flat, out, t, d, v, weight.stride(0), weight.stride(1), BT=BT, BD=BD, num_warps=NUM_WARPS)
     pending.finish()
     return out.view(*ids.shape, d)
 

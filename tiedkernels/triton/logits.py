@@ -8,37 +8,32 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ._common import stat_dtype, tl_acc
+from ._common import softcap_args, stat_dtype, tanh, tl_acc
 
-BLOCK = 1024
-
-
-@triton.jit
-def _tanh(x):
-    # 1 - 2 / (exp(2x) + 1): exact limits +-1 for large |x|, no overflow to NaN.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+BLOCK = 1024  # elements per program (4 warps: 8 per thread)
+NUM_WARPS = 4
 
 
-@triton.jit
-def _transform_kernel(Z, numel, scale, softcap, inv_softcap, HAS_CAP: tl.constexpr, ACC: tl.constexpr,
+@triton.jit(do_not_specialize=["has_cap"])
+def _transform_kernel(Z, numel, scale, softcap, inv_softcap, has_cap, ACC: tl.constexpr,
                       BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     z = tl.load(Z + offs, mask=mask, other=0.0)
     x = z.to(ACC) * scale
-    if HAS_CAP:
-        x = softcap * _tanh(x * inv_softcap)
+    if has_cap:
+        x = softcap * tanh(x * inv_softcap)
     tl.store(Z + offs, x.to(z.dtype), mask=mask)
 
 
-@triton.jit
-def _transform_bwd_kernel(G, Z, OUT, numel, scale, inv_softcap, HAS_CAP: tl.constexpr, ACC: tl.constexpr,
+@triton.jit(do_not_specialize=["has_cap"])
+def _transform_bwd_kernel(G, Z, OUT, numel, scale, inv_softcap, has_cap, ACC: tl.constexpr,
                           BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     g = tl.load(G + offs, mask=mask, other=0.0)
     x = g.to(ACC) * scale
-    if HAS_CAP:
+    if has_cap:
         t = tl.load(Z + offs, mask=mask, other=0.0).to(ACC) * inv_softcap
         x = x * (1.0 - t * t)
     tl.store(OUT + offs, x.to(g.dtype), mask=mask)
@@ -49,11 +44,12 @@ def logits_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
                softcap: float) -> torch.Tensor:
     d = weight.shape[1]
     h2 = hidden.reshape(-1, d)
+    has_cap, cap, inv_cap = softcap_args(softcap)
     z = torch.addmm(bias, h2, weight.t()) if bias is not None else torch.mm(h2, weight.t())
-    if (logit_scale != 1.0 or softcap > 0) and z.numel() > 0:
+    if (logit_scale != 1.0 or has_cap) and z.numel() > 0:
         wrap_triton(_transform_kernel)[(triton.cdiv(z.numel(), BLOCK),)](
-            z, z.numel(), float(logit_scale), float(softcap), 1.0 / softcap if softcap > 0 else 0.0,
-            HAS_CAP=softcap > 0, ACC=tl_acc(z.dtype), BLOCK=BLOCK)
+            z, z.numel(), float(logit_scale), cap, inv_cap, has_cap=int(has_cap), ACC=tl_acc(z.dtype), BLOCK=BLOCK,
+            num_warps=NUM_WARPS)
     return z.view(*hidden.shape[:-1], weight.shape[0])
 
 
@@ -64,12 +60,13 @@ def logits_bwd(grad: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor, w
     v, d = weight.shape
     g = grad.reshape(-1, v).contiguous()
     dz = g
-    if (logit_scale != 1.0 or softcap > 0) and g.numel() > 0:
+    has_cap, _, inv_cap = softcap_args(softcap)
+    if (logit_scale != 1.0 or has_cap) and g.numel() > 0:
         dz = torch.empty_like(g)
-        z = logits.reshape(-1, v).contiguous() if softcap > 0 else g
+        z = logits.reshape(-1, v).contiguous() if has_cap else g
         wrap_triton(_transform_bwd_kernel)[(triton.cdiv(g.numel(), BLOCK),)](
-            g, z, dz, g.numel(), float(logit_scale), 1.0 / softcap if softcap > 0 else 0.0, HAS_CAP=softcap > 0,
-            ACC=tl_acc(g.dtype), BLOCK=BLOCK)
+            g, z, dz, g.numel(), float(logit_scale), inv_cap, has_cap=int(has_cap), ACC=tl_acc(g.dtype), BLOCK=BLOCK,
+            num_warps=NUM_WARPS)
     h2 = hidden.reshape(-1, d)
     dh = torch.mm(dz, weight).view(hidden.shape) if compute_dh else hidden.new_empty((0,))
     dw = torch.mm(dz.t(), h2) if compute_dw else weight.new_empty((0,))
