@@ -228,8 +228,8 @@ def tiny_config(model_type, vocab=ZOO_VOCAB, tie=None):
     if d.get("is_encoder_decoder") and d.get("decoder_start_token_id") is None:
         d["decoder_start_token_id"] = d.get("pad_token_id") or 0
     config = cls(**d)
-    # the grouped-GEMM experts kernels take no fp64: the reference loop
-    config._experts_implementation = "eager"
+    if "_experts_implementation" in vars(config) or hasattr(type(config), "_experts_implementation"):
+        config._experts_implementation = "eager"  # v5's grouped-GEMM experts take no fp64: the reference loop
     return config
 
 
@@ -301,9 +301,11 @@ def _close(a, b, what, atol, rtol):
         return
     if a.shape != b.shape:
         raise AssertionError(f"{what}: shapes {tuple(a.shape)} and {tuple(b.shape)}")
-    err = (a.double() - b.double()).abs()
-    bound = atol + rtol * b.double().abs()
-    if not bool((err <= bound).all()) or bool(a.isnan().any()) != bool(b.isnan().any()):
+    a, b = a.detach().double(), b.detach().double()
+    both_nan = a.isnan() & b.isnan()  # PyTorch's own NaN (e.g. Longformer's padded windows) is the value
+    err = (a - b).abs().masked_fill(both_nan, 0)
+    bound = atol + rtol * b.abs().masked_fill(both_nan, 0)
+    if not bool((err <= bound).all()):
         raise AssertionError(f"{what}: max abs error {float(err.max()):.3g} (atol {atol}, rtol {rtol})")
 
 
@@ -390,18 +392,26 @@ def zoo_check(model_type, class_name, task, *, tie=None, generate=True, save=Tru
         # its non-persistent buffers, e.g. Gemma's embed_scale, in fp64, unlike one built and cast)
         if save:
             loaded = []
+            v5 = int(transformers.__version__.split(".")[0]) >= 5
+            kw = {"dtype": torch.float64, "experts_implementation": "eager"} if v5 else {"torch_dtype": torch.float64}
             with tempfile.TemporaryDirectory(dir=tmpdir) as d:
                 for m in (model, stock):
                     m.save_pretrained(d)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        loaded.append(getattr(transformers, class_name).from_pretrained(d, dtype=torch.float64).eval())
+                        loaded.append(getattr(transformers, class_name).from_pretrained(d, **kw).eval())
             if any(p.data_ptr() == q.data_ptr() for p in loaded[0].parameters() for q in loaded[1].parameters()
                    if p.numel() and q.numel()):
                 raise AssertionError("the two loaded models share storage")
             with torch.no_grad():
-                _close(loaded[0](**nolab).logits, loaded[1](**nolab).logits,
-                       "logits of the stock model loaded from the patched checkpoint", 1e-10, 1e-10)
+                try:
+                    want = loaded[1](**nolab).logits
+                except Exception as e:  # noqa: BLE001 - transformers' own limit, said in the notes
+                    res.notes.append(f"reload not compared: the stock model loaded from its own checkpoint "
+                                     f"raises {type(e).__name__}")
+                else:
+                    _close(loaded[0](**nolab).logits, want,
+                           "logits of the stock model loaded from the patched checkpoint", 1e-10, 1e-10)
         # greedy generate
         if generate and task != "masked":
             prompt = b["input_ids"][:1, :5]
