@@ -106,7 +106,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
                        const c10::optional<at::Tensor>& bias, const at::Tensor& labels,
                        const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lse_in,
                        const LossOptions& opt, int64_t chunk_size, bool compute_dh, bool compute_dw,
-                       bool compute_db, RowKernel row_kernel) {
+                       bool compute_db, RowKernel row_kernel, const LossExtras& extras) {
   check_loss_args(hidden, weight, bias, labels, chunk_size);
   const auto h = hidden.contiguous();
   const auto w = weight.contiguous();
@@ -129,7 +129,38 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
     lse_given = lse_in->to(sdt).contiguous();
   }
 
+  // Class weights: this shard's columns (0 in padding), each row's c[y] (0 when ignored; a bad
+  // label reads a clamped entry, its row is flagged by the label check), and their sum.
+  at::Tensor cw_local, cw_target, cw_sum;
+  if (extras.class_weight.has_value()) {
+    const auto& cw = *extras.class_weight;
+    TORCH_CHECK(cw.dim() == 1 && cw.size(0) == opt.vocab_total, "tiedkernels: class_weight must be [vocab_total] = [",
+                opt.vocab_total, "], got ", cw.sizes());
+    TORCH_CHECK(cw.device() == h.device(), "tiedkernels: class_weight is on ", cw.device(), " but hidden on ",
+                h.device());
+    TORCH_CHECK(at::isFloatingType(cw.scalar_type()), "tiedkernels: class_weight must be floating point");
+    const auto c = cw.to(sdt).contiguous();
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(v, opt.vocab_total - opt.vocab_start));
+    cw_local = at::zeros({v}, sopt);
+    if (valid > 0) cw_local.narrow(0, 0, valid).copy_(c.narrow(0, opt.vocab_start, valid));
+    const auto ignored = lab == opt.ignore_index;
+    const auto idx = at::where(ignored, at::zeros_like(lab), lab).clamp(0, std::max<int64_t>(0, opt.vocab_total - 1));
+    cw_target = opt.vocab_total > 0 ? at::where(ignored, at::zeros({}, sopt), c.index_select(0, idx))
+                                    : at::zeros({n}, sopt);
+    cw_sum = c.sum();
+  }
+  at::Tensor gl;
+  if (extras.grad_lse.has_value()) {
+    TORCH_CHECK(mode == LossMode::Backward, "tiedkernels: grad_lse is an input of the backward only");
+    TORCH_CHECK(extras.grad_lse->dim() == 1 && extras.grad_lse->size(0) == n, "tiedkernels: grad_lse must be [N] = [",
+                n, "], got ", extras.grad_lse->sizes());
+    gl = extras.grad_lse->to(sdt).contiguous();
+  }
+  const bool stats_on = mode == LossMode::Forward && extras.return_stats;
+
   LossResult r;
+  r.pred = at::empty({stats_on ? n : 0}, h.options().dtype(at::kLong));
+  r.ent = at::empty({stats_on ? n : 0}, sopt);
   at::Tensor loss_vec;
   if (mode == LossMode::Forward) {
     loss_vec = at::empty({n}, sopt);
@@ -175,6 +206,16 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
       t.loss_out = loss_vec.narrow(0, start, rows);
     }
     if (mode == LossMode::Stats) t.stats_out = r.stats.narrow(1, start, rows);
+    if (cw_local.defined()) {
+      t.class_w = cw_local;
+      t.target_w = cw_target.narrow(0, start, rows);
+      t.class_w_sum = cw_sum;
+    }
+    if (gl.defined()) t.grad_lse = gl.narrow(0, start, rows);
+    if (stats_on) {
+      t.pred_out = r.pred.narrow(0, start, rows);
+      t.ent_out = r.ent.narrow(0, start, rows);
+    }
     t.write_grad = grads;
     row_kernel(t, opt);
     if (!grads) continue;
@@ -218,11 +259,6 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
 }
 
 namespace {
-void not_yet(const char* option, bool used) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!used, "tiedkernels: ", option, " is not implemented in the compiled kernels yet; use "
-                              "backend='torch'");
-}
-
 LossOptions make_options(int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
                          double logit_scale, int64_t vocab_start, int64_t vocab_total, int64_t v_local) {
   LossOptions o;
@@ -246,14 +282,14 @@ FwdResult lce_fwd_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor
                         double z_loss, double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
                         int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
                         const c10::optional<at::Tensor>& class_weight, bool return_stats) {
-  not_yet("class_weight", class_weight.has_value());
-  not_yet("return_stats", return_stats);
   const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
                               vocab_total, weight.size(0));
+  LossExtras x;
+  x.class_weight = class_weight;
+  x.return_stats = return_stats;
   auto r = lce_chunked(LossMode::Forward, hidden, weight, bias, labels, grad_scale, c10::nullopt, o, chunk_size,
-                       compute_dh, compute_dw, compute_db, rk);
-  const auto empty = at::empty({0}, hidden.options().dtype(stat_dtype(hidden.scalar_type())));
-  return {r.loss, r.lse, r.dh, r.dw, r.db, at::empty({0}, hidden.options().dtype(at::kLong)), empty};
+                       compute_dh, compute_dw, compute_db, rk, x);
+  return {r.loss, r.lse, r.dh, r.dw, r.db, r.pred, r.ent};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
@@ -262,12 +298,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
     int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
     const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
-  not_yet("class_weight", class_weight.has_value());
-  not_yet("grad_lse", grad_lse.has_value());
   const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
                               vocab_total, weight.size(0));
+  LossExtras x;
+  x.class_weight = class_weight;
+  x.grad_lse = grad_lse;
   auto r = lce_chunked(LossMode::Backward, hidden, weight, bias, labels, grad_loss, lse, o, chunk_size,
-                       compute_dh, compute_dw, compute_db, rk);
+                       compute_dh, compute_dw, compute_db, rk, x);
   return {r.dh, r.dw, r.db};
 }
 
@@ -275,10 +312,11 @@ at::Tensor lce_stats_entry(RowKernel rk, const at::Tensor& hidden, const at::Ten
                            const c10::optional<at::Tensor>& bias, const at::Tensor& labels, int64_t ignore_index,
                            double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
                            int64_t chunk_size, const c10::optional<at::Tensor>& class_weight) {
-  not_yet("class_weight", class_weight.has_value());
   const auto o = make_options(ignore_index, 0.0, 0.0, softcap, logit_scale, vocab_start, vocab_total, weight.size(0));
+  LossExtras x;
+  x.class_weight = class_weight;
   auto r = lce_chunked(LossMode::Stats, hidden, weight, bias, labels, c10::nullopt, c10::nullopt, o, chunk_size,
-                       false, false, false, rk);
+                       false, false, false, rk, x);
   return r.stats;
 }
 

@@ -32,14 +32,27 @@ struct RowTask {
   at::Tensor lse_in;      // [rows] fp32 given (backward, or global lse) or undefined
   at::Tensor lse_out;     // [rows] fp32 or undefined
   at::Tensor loss_out;    // [rows] fp32 or undefined
-  at::Tensor stats_out;   // [3, rows] fp32 (local lse, target logit, sum of logits) or undefined
+  at::Tensor stats_out;   // [3, rows] fp32 (local lse, target logit, sum of (weighted) logits) or undefined
+  // Class weights (all undefined without): this shard's columns' weights [V] (0 in padding), the
+  // rows' target weights c[y] [rows] (0 at ignored rows), and the whole vocabulary's sum (0-dim).
+  at::Tensor class_w, target_w, class_w_sum;
+  at::Tensor grad_lse;  // [rows] incoming gradient of lse (Backward), or undefined
+  at::Tensor pred_out;  // [rows] int64 global argmax of the final logits, or undefined
+  at::Tensor ent_out;   // [rows] entropy of the softmax, or undefined
   bool write_grad = false;
 };
 
 using RowKernel = void (*)(const RowTask& task, const LossOptions& opt);
 
 struct LossResult {
-  at::Tensor loss, lse, stats, dh, dw, db;
+  at::Tensor loss, lse, stats, dh, dw, db, pred, ent;
+};
+
+// The optional inputs and outputs of a call (see tiedkernels/_schemas.py).
+struct LossExtras {
+  c10::optional<at::Tensor> class_weight;  // [vocab_total]
+  c10::optional<at::Tensor> grad_lse;      // [N] (Backward)
+  bool return_stats = false;               // (Forward) argmax and entropy per row
 };
 
 enum class LossMode { Forward, Backward, Stats };
@@ -50,7 +63,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
                        const c10::optional<at::Tensor>& bias, const at::Tensor& labels,
                        const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lse_in,
                        const LossOptions& opt, int64_t chunk_size, bool compute_dh, bool compute_dw,
-                       bool compute_db, RowKernel row_kernel);
+                       bool compute_db, RowKernel row_kernel, const LossExtras& extras = LossExtras());
 
 // Argument checks shared by every device (the user-facing messages live in Python;
 // these guard direct calls of the ops).

@@ -69,6 +69,11 @@ LOSS_CASES = [
     (1, True, dict(reduction="sum", shift=True, z_loss=1e-3, logit_scale=1.3)),  # default chunk size
     (4, False, dict(reduction="mean", all_ignored=True, label_smoothing=0.1, chunk_size=5)),
     (4, True, dict(reduction="mean", vocab=3, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)),  # rank 1: all padding
+    # class weights (the whole vocabulary's on every rank)
+    (4, False, dict(reduction="mean", class_weight=True, label_smoothing=0.1, z_loss=1e-2, bias=True, chunk_size=3)),
+    (1, True, dict(reduction="none", class_weight=True, label_smoothing=0.2, softcap=3.0, chunk_size=5)),
+    (4, False, dict(reduction="sum", class_weight=True, ignore_index=7, shift=True, num_items_in_batch=5,
+                    chunk_size=4)),
 ]
 
 
@@ -98,6 +103,8 @@ def check_loss(rank, group):
             y = torch.full_like(y, ii)
         if ii == 7:
             y[0, 0] = 7  # an ignore_index that is a real id, once at least
+        if opts.pop("class_weight", False):
+            opts["class_weight"] = torch.rand(vocab, dtype=torch.float64, generator=g) + 0.25
         gout = torch.randn(B, T - 1 if opts.get("shift") else T, dtype=torch.float64, generator=g)
 
         # the single-process truth

@@ -404,6 +404,7 @@ def _opcheck_samples():
     loss_opts = (-100, 0.1, 0.01, 4.0, 0.7)  # ignore_index, label_smoothing, z_loss, softcap, logit_scale
     shard_w = torch.randn(6, d, requires_grad=True)  # rows 8..13 of a V=11 vocabulary: 3 real, 3 padding
     shard_b = torch.randn(6, requires_grad=True)
+    cw = torch.rand(v) + 0.5  # class weights [vocab_total]
     return [
         ("embedding_fwd", (w, ids, None)),
         ("embedding_fwd", (w, ids.int(), 3)),
@@ -426,6 +427,16 @@ def _opcheck_samples():
                      v, 4, True, True, False)),
         ("lce_stats", (h.detach(), w.detach(), b.detach(), labels, -100, 4.0, 0.7, 0, 0, 4)),
         ("lce_stats", (h.detach(), shard_w.detach(), shard_b.detach(), labels, -100, 4.0, 0.7, 8, v, 4)),
+        # the optional arguments: class weights, statistics, the lse's incoming gradient
+        ("lce_fwd", (h, w, b, labels, None, *loss_opts, 0, 0, 4, False, False, False, cw, True)),
+        ("lce_fwd", (h, w, b, labels, torch.tensor(0.25), *loss_opts, 0, 0, 4, True, True, True, cw, True)),
+        ("lce_fwd", (h, shard_w, shard_b, labels, torch.tensor(0.5), *loss_opts, 8, v, 4, True, True, True, cw,
+                     True)),
+        ("lce_bwd", (torch.randn(n), h.detach(), w.detach(), b.detach(), labels, lse, *loss_opts, 0, 0, 4,
+                     True, True, True, cw, torch.randn(n))),
+        ("lce_bwd", (torch.randn(n), h.detach(), shard_w.detach(), shard_b.detach(), labels, lse, *loss_opts, 8,
+                     v, 4, True, True, False, None, torch.randn(n))),
+        ("lce_stats", (h.detach(), shard_w.detach(), shard_b.detach(), labels, -100, 4.0, 0.7, 8, v, 4, cw)),
     ]
 
 

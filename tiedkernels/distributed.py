@@ -314,7 +314,7 @@ def vocab_parallel_embedding(ids, weight_shard, *, vocab_start=None, vocab_size=
 
 
 class _Config:
-    __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size")
+    __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size", "class_weight")
 
 
 class _VocabParallelLCE(torch.autograd.Function):
@@ -331,11 +331,20 @@ class _VocabParallelLCE(torch.autograd.Function):
             stats[0] = float("-inf")
         else:
             stats = cfg.op_stats(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start,
-                                 vocab_total, chunk)
+                                 vocab_total, chunk, class_weight=cfg.class_weight)
         eps = cfg.eps
         # The loss is lse·(1 + λ·lse) - [(1-ε)·z_y + (ε/V)·Σ_j z_j]: the bracket is a sum over
         # shards, lse a logsumexp over shards, so one [2, N] pair per rank is all that travels.
-        lin = stats[1] * (1.0 - eps) + stats[2] * (eps / cfg.vocab_size) if eps else stats[1]
+        # With class weights c (the whole vocabulary's, on every rank), S = Σ c:
+        # lse·(c_y(1-ε) + (ε/V)·S + λ·c_y·lse) - [(1-ε)·c_y·z_y + (ε/V)·Σ_j c_j z_j].
+        cw = cfg.class_weight
+        if cw is not None:
+            keep = labels != ignore_index
+            cy = torch.where(keep, cw.to(stats.dtype)[torch.where(keep, labels, 0).long()], 0.0)
+            zy = stats[1] * cy
+        else:
+            zy = stats[1]
+        lin = zy * (1.0 - eps) + stats[2] * (eps / cfg.vocab_size) if eps else zy
         p = _world(cfg.group)
         if p > 1:
             pair = torch.stack([stats[0], lin])
@@ -346,9 +355,15 @@ class _VocabParallelLCE(torch.autograd.Function):
             lin = out[:, 1].sum(0)
         else:
             lse = stats[0]
-        tok = lse - lin
-        if cfg.z_loss:
-            tok = tok + cfg.z_loss * lse * lse
+        if cw is None:
+            tok = lse - lin
+            if cfg.z_loss:
+                tok = tok + cfg.z_loss * lse * lse
+        else:
+            coef = cy * (1.0 - eps) + (eps / cfg.vocab_size) * cw.to(lse.dtype).sum() if eps else cy
+            tok = lse * coef - lin
+            if cfg.z_loss:
+                tok = tok + cfg.z_loss * cy * lse * lse
         tok = tok.masked_fill(labels == ignore_index, 0)
         ctx.cfg = cfg
         ctx.has_bias = bias is not None
@@ -370,7 +385,8 @@ class _VocabParallelLCE(torch.autograd.Function):
             db = torch.zeros_like(bias) if bias is not None else None
         else:
             dh, dw, db = cfg.op_bwd(g_tok.contiguous(), hidden, weight, bias, labels, lse, ignore_index, cfg.eps,
-                                    cfg.z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk, *want)
+                                    cfg.z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk, *want,
+                                    class_weight=cfg.class_weight)
         if want[0] and cfg.reduce_dh and _world(cfg.group) > 1:
             # Megatron's lesson: sum the ranks' partial dh in fp32, not in bf16.
             acc = dh.to(_reduce_dtype(dh.dtype))
@@ -384,7 +400,7 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
                                         label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                                         num_items_in_batch=None, shift=False, return_lse=False, chunk_size=None,
                                         backend="auto", sequence_parallel=False, sequence_dim=-1,
-                                        reduce_grad_input=True):
+                                        reduce_grad_input=True, class_weight=None):
     """``linear_cross_entropy`` with ``W`` (and ``bias``) split by rows over ``process_group``.
 
     ``weight_shard [Vl, D]`` holds global rows ``[vocab_start, vocab_start + Vl)``; rows (columns of
@@ -397,6 +413,7 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
     here and ``dh`` comes back reduce-scattered.  ``reduce_grad_input=False`` leaves ``dh`` as this
     rank's partial sum (for a caller that reduces it itself).  Every other option is
     ``linear_cross_entropy``'s.  Label smoothing uses the mean over the whole vocabulary.
+    ``class_weight`` is the whole vocabulary's ``[vocab_size]`` weights, the same on every rank.
     """
     if _is_dtensor(weight_shard):
         weight_shard, vocab_start, v, process_group = _dtensor_shard(weight_shard)
@@ -451,9 +468,19 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
     # With sequence parallelism the gather's backward reduce-scatters dh: no all-reduce here.
     cfg.group, cfg.reduce_dh = group, bool(reduce_grad_input) and not (sequence_parallel and p > 1)
     cfg.eps, cfg.z_loss, cfg.vocab_size = float(label_smoothing), float(z_loss), vocab_size
+    if class_weight is not None:
+        tkf._require_tensor(class_weight, "class_weight")
+        tkf.check_device(class_weight, "class_weight", weight_shard, "weight_shard")
+        if class_weight.shape != (vocab_size,) or not class_weight.is_floating_point():
+            raise tkf.TiedKernelsError(f"tiedkernels: class_weight must be a floating [vocab_size] = [{vocab_size}] "
+                                       f"tensor (the whole vocabulary's), got {class_weight.dtype} "
+                                       f"{tuple(class_weight.shape)}")
+        if class_weight.requires_grad:
+            raise NotImplementedError("tiedkernels: class_weight gets no gradient; pass class_weight.detach()")
+    cfg.class_weight = class_weight
     with tkf.no_autocast(weight_shard.device):
         tok, lse = _VocabParallelLCE.apply(h2, weight_shard, bias, lab, cfg)
-    denom = tkf.loss_denominator(lab, reduction, ignore_index, num_items_in_batch, tok.dtype)
+    denom = tkf.loss_denominator(lab, reduction, ignore_index, num_items_in_batch, tok.dtype, class_weight)
     loss = tkf.reduce_tokens(tok, labels.shape, reduction, denom, shift)
     return tkf.finish(loss, lse, labels.shape, shift, return_lse)
 

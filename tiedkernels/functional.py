@@ -4,6 +4,7 @@ import contextlib
 import math
 import numbers
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -273,15 +274,71 @@ def check_classes(weight):
                                "one class (V >= 1)")
 
 
-def loss_denominator(labels_flat, reduction, ignore_index, num_items_in_batch, dtype):
-    """What a summed loss is divided by: num_items_in_batch, the non-ignored count (mean), or None."""
+def loss_denominator(labels_flat, reduction, ignore_index, num_items_in_batch, dtype, class_weight=None):
+    """What a summed loss is divided by: num_items_in_batch, the non-ignored count (mean), or None.
+    With class weights the mean divides by the summed weights of the non-ignored targets
+    (``F.cross_entropy``'s weighted mean; 0 when every token is ignored, PyTorch's x/0 when they
+    weigh 0 in all)."""
     if reduction == "none":
         return None
     if num_items_in_batch is not None:
         return torch.as_tensor(num_items_in_batch).reshape(()).to(device=labels_flat.device, dtype=dtype)
     if reduction == "mean":
-        return (labels_flat != ignore_index).sum().clamp(min=1).to(dtype)
+        keep = labels_flat != ignore_index
+        if class_weight is None:
+            return keep.sum().clamp(min=1).to(dtype)
+        cy = class_weight.to(dtype).index_select(0, torch.where(keep, labels_flat, 0).long().clamp(min=0))
+        total = torch.where(keep, cy, torch.zeros((), dtype=dtype, device=cy.device)).sum()
+        return torch.where(keep.any(), total, torch.ones((), dtype=dtype, device=total.device))
     return None
+
+
+def check_class_weight(class_weight, weight):
+    """``class_weight``: None or a floating ``[V]`` tensor on the weight's device."""
+    if class_weight is None:
+        return
+    _require_tensor(class_weight, "class_weight")
+    check_device(class_weight, "class_weight", weight)
+    if class_weight.shape != (weight.shape[0],):
+        raise TiedKernelsError(f"tiedkernels: class_weight has shape {tuple(class_weight.shape)} but weight "
+                               f"{tuple(weight.shape)}: class_weight must be [V]")
+    if not class_weight.is_floating_point():
+        raise TiedKernelsError(f"tiedkernels: class_weight must be floating point, got {class_weight.dtype}")
+    if class_weight.requires_grad:
+        raise NotImplementedError("tiedkernels: class_weight gets no gradient; pass class_weight.detach()")
+
+
+class LossStats(NamedTuple):
+    """``linear_cross_entropy(..., return_stats=True)``: the loss and statistics of the same pass,
+    none of which (but ``loss``) carries a gradient.  Per-token fields have the labels' shape
+    (``[..., T-1]`` with ``shift``)."""
+
+    loss: torch.Tensor         # as without return_stats
+    lse: torch.Tensor          # per-token logsumexp of the final logits (fp32; fp64 for fp64)
+    z_loss: torch.Tensor       # the z-loss term's share of ``loss``, reduced as ``loss`` is
+    predictions: torch.Tensor  # per-token argmax of the logits (int64; first index on ties, as torch.argmax)
+    accuracy: torch.Tensor     # 0-dim: mean over non-ignored tokens of predictions == labels (0 if none)
+    entropy: torch.Tensor      # per-token entropy of the softmax, lse - sum_j p_j z_j
+
+
+def loss_stats(loss, lse, pred, ent, labels_flat, labels_shape, reduction, denom, shift, ignore_index, z_loss,
+               class_weight):
+    """The LossStats of one call from the op's per-token outputs (no second pass over V, no host sync)."""
+    keep = labels_flat != ignore_index
+    lse_d = lse.detach()
+    zl = z_loss * lse_d * lse_d
+    if class_weight is not None:
+        zl = zl * class_weight.to(zl.dtype).index_select(0, torch.where(keep, labels_flat, 0).long().clamp(min=0))
+    zl = torch.where(keep, zl, torch.zeros((), dtype=zl.dtype, device=zl.device))
+    zl = reduce_tokens(zl, labels_shape, reduction, denom, shift)
+    hits = ((pred == labels_flat) & keep).sum().to(lse.dtype)
+    accuracy = hits / keep.sum().clamp(min=1).to(lse.dtype)
+
+    def per_token(t):
+        t = t.view(labels_shape)
+        return t[..., :-1] if shift else t
+
+    return LossStats(loss, per_token(lse_d), zl, per_token(pred), accuracy, per_token(ent))
 
 
 def reduce_tokens(tok, labels_shape, reduction, denom, shift):
@@ -302,12 +359,15 @@ def finish(loss, lse, labels_shape, shift, return_lse):
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
-                         shift=False, return_lse=False, chunk_size=None, backend="auto"):
+                         shift=False, return_lse=False, chunk_size=None, backend="auto", class_weight=None,
+                         return_stats=False):
     """Cross-entropy of ``softcap((hidden @ weight.T + bias) * logit_scale)`` against ``labels``
     without materializing the ``[N, V]`` logits.
 
     hidden ``[*, D]``, labels ``[*]``. Returns the loss (fp32; fp64 for fp64 inputs), and the
-    per-token logsumexp too when ``return_lse``. See the README for every option.
+    per-token logsumexp too when ``return_lse``. ``class_weight`` ``[V]``: per-class weights
+    (``F.cross_entropy``'s ``weight=``). ``return_stats``: a ``LossStats`` tuple instead (loss, lse,
+    z_loss, predictions, accuracy, entropy) from the same pass. See the README for every option.
     """
     check_weight(weight)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
@@ -317,6 +377,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     check_loss_options(hidden, labels, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
                        num_items_in_batch=num_items_in_batch, shift=shift)
     check_classes(weight)
+    check_class_weight(class_weight, weight)
     cap = _softcap_value(softcap)
     lscale = _logit_scale_value(logit_scale)
     lab = shift_labels(labels, ignore_index) if shift else labels
@@ -333,17 +394,27 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     opts = (int(ignore_index), float(label_smoothing), float(z_loss), cap, lscale, 0, 0, chunk)
     need = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
     sdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    denom = loss_denominator(lab, reduction, ignore_index, num_items_in_batch, sdt)
+    denom = loss_denominator(lab, reduction, ignore_index, num_items_in_batch, sdt, class_weight)
+    extra = dict(class_weight=class_weight, return_stats=bool(return_stats))
+    out = None
     with no_autocast(weight.device):
         if _composite.mode(h2, weight, bias) is not None:
+            if class_weight is not None or return_stats:
+                raise NotImplementedError("tiedkernels: class_weight and return_stats are not available under "
+                                          "torch.func transforms or forward-mode AD yet")
             # torch.func transforms, forward-mode AD: the differentiable path (chunked plain ops)
             tok, lse = _composite.linear_cross_entropy(h2, weight, bias, lab, opts)
             loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
         elif reduction != "none" and torch.is_grad_enabled() and any(need):
             # Gradient-in-forward: the scalar's gradients are computed in the same pass.
             scale = (1.0 / denom) if denom is not None else torch.ones((), dtype=sdt, device=hidden.device)
-            loss, lse = b.op("lce_fwd")(h2, weight, bias, lab, scale, *opts, *need)[:2]
+            out = b.op("lce_fwd")(h2, weight, bias, lab, scale, *opts, *need, **extra)
+            loss, lse = out[:2]
         else:
-            tok, lse = b.op("lce_fwd")(h2, weight, bias, lab, None, *opts, False, False, False)[:2]
+            out = b.op("lce_fwd")(h2, weight, bias, lab, None, *opts, False, False, False, **extra)
+            tok, lse = out[:2]
             loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
+    if return_stats:
+        return loss_stats(loss, lse, out[5], out[6], lab, labels.shape, reduction, denom, shift, ignore_index,
+                          float(z_loss), class_weight)
     return finish(loss, lse, labels.shape, shift, return_lse)

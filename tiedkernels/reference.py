@@ -30,9 +30,14 @@ def logits(hidden, weight, *, bias=None, logit_scale=1.0, softcap=None, upcast=F
 
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
-                         shift=False, return_lse=False, upcast=False):
+                         shift=False, return_lse=False, class_weight=None, return_stats=False, upcast=False):
     """The loss of DESIGN section 1, written out: logits in the input dtype (or fp64 with
-    ``upcast``), then fp32 (fp64) for the softmax, as Hugging Face models do."""
+    ``upcast``), then fp32 (fp64) for the softmax, as Hugging Face models do.
+
+    ``class_weight`` c: per token ``c[y]((1-ε)(lse - z_y) + λ·lse²) + (ε/V)(lse·Σc - Σ_j c_j z_j)``
+    (``F.cross_entropy(weight=c, label_smoothing=ε)`` plus the z-loss weighted like the target's
+    term); ``mean`` divides by ``Σ c[y]`` over the non-ignored tokens.  ``return_stats``: returns
+    ``(loss, dict)`` with lse, z_loss, predictions, accuracy and entropy, computed from the logits."""
     if shift:
         hidden, labels = hidden[..., :-1, :], labels[..., 1:]
     z = logits(hidden, weight, bias=bias, logit_scale=logit_scale, softcap=softcap, upcast=upcast)
@@ -41,16 +46,38 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     mask = labels != ignore_index
     safe = torch.where(mask, labels, torch.zeros_like(labels)).long()
     zy = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    tok = (1 - label_smoothing) * (lse - zy) + label_smoothing * (lse - z.mean(-1)) + z_loss * lse * lse
-    tok = torch.where(mask, tok, torch.zeros_like(tok))
-    if reduction == "none":
-        loss = tok
-    elif num_items_in_batch is not None:
-        loss = tok.sum() / num_items_in_batch
-    elif reduction == "sum":
-        loss = tok.sum()
+    v = z.shape[-1]
+    if class_weight is None:
+        cy = torch.ones_like(lse)
+        smooth = lse - z.mean(-1) if label_smoothing else None
     else:
-        loss = tok.sum() / mask.sum().clamp(min=1)
+        c = class_weight.to(z.dtype)
+        cy = c[safe]
+        smooth = (lse * c.sum() - (z * c).sum(-1)) / v if label_smoothing else None
+    zl = z_loss * cy * lse * lse
+    tok = cy * (1 - label_smoothing) * (lse - zy) + zl
+    if label_smoothing:
+        tok = tok + label_smoothing * smooth
+    tok = torch.where(mask, tok, torch.zeros_like(tok))
+    zl = torch.where(mask, zl, torch.zeros_like(zl))
+    if reduction == "none":
+        loss, zl_red = tok, zl
+    elif num_items_in_batch is not None:
+        loss, zl_red = tok.sum() / num_items_in_batch, zl.sum() / num_items_in_batch
+    elif reduction == "sum":
+        loss, zl_red = tok.sum(), zl.sum()
+    else:
+        # all ignored: 0, not NaN; with class weights, the summed c[y] of the others (PyTorch's x/0 if that is 0)
+        denom = torch.where(mask, cy, torch.zeros_like(cy)).sum() if class_weight is not None else mask.sum()
+        denom = torch.where(mask.any(), denom, torch.ones_like(denom))
+        loss, zl_red = tok.sum() / denom, zl.sum() / denom
+    if return_stats:
+        p = torch.softmax(z, -1)
+        pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
+        pred = z.argmax(-1)
+        hits = ((pred == labels) & mask).sum().to(lse.dtype)
+        acc = hits / mask.sum().clamp(min=1).to(lse.dtype)
+        return loss, dict(lse=lse, z_loss=zl_red, predictions=pred, accuracy=acc, entropy=lse - pz)
     return (loss, lse) if return_lse else loss
 
 

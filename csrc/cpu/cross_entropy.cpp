@@ -26,24 +26,35 @@ struct RowIn {
   bool ignored;
   bool have_lse;
   bool grad;
+  bool stats;      // argmax and entropy wanted
   acc_t lse_given;
   acc_t g;
+  acc_t cy;        // the target's class weight (1 without class weights)
+  acc_t gl;        // incoming gradient of lse (0 without)
 };
 
 template <typename acc_t>
 struct Consts {
   acc_t scale, softcap, inv_softcap, eps, z_loss, inv_vocab;
+  const acc_t* cw;  // this shard's class weights [v] (0 in padding), or null
+  acc_t cw_sum;     // sum of the class weights over the whole vocabulary (V without)
 };
 
 template <typename acc_t>
 struct RowOut {
-  acc_t lse, loss, zy, sumf;
+  acc_t lse = 0, loss = 0, zy = 0, sumf = 0, entropy = 0;
+  int64_t argmax = -1;  // local column (first of the maximum; the first NaN if any)
 };
 
+// Per token, with c the class weights (1 without), S = sum(c):
+//   loss = c[y]((1-eps)(lse - z_y) + lam lse^2) + (eps/V)(S lse - sum_j c_j z_j)
+//   dL/dz_j = g(((1-eps)c[y] + (eps/V)S + 2 lam c[y] lse) p_j - (1-eps)c[y][j=y] - (eps/V)c_j) + gl p_j
+// The smoothing term is skipped when eps = 0, so a -inf logit (a masked entry) never meets 0 * inf.
 template <typename acc_t>
 TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts<acc_t>& c, RowOut<acc_t>& out) {
   const int64_t valid = in.valid;
   const acc_t scale = c.scale, cap = c.softcap, inv_cap = c.inv_softcap;
+  const acc_t* cw = c.cw;
   if (scale != acc_t(1)) {
 #pragma omp simd
     for (int64_t j = 0; j < valid; ++j) f[j] *= scale;
@@ -55,7 +66,24 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
   acc_t m = -std::numeric_limits<acc_t>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < valid; ++j) m = f[j] > m ? f[j] : m;
-  acc_t s = 0, sf = 0;
+  if (in.stats) {
+    // torch.argmax: the first NaN if there is one, else the first maximum.
+    int64_t idx = valid > 0 ? 0 : -1;
+    for (int64_t j = 0; j < valid; ++j) {
+      if (f[j] == m) {
+        idx = j;
+        break;
+      }
+    }
+    for (int64_t j = 0; j < valid; ++j) {
+      if (f[j] != f[j]) {
+        idx = j;
+        break;
+      }
+    }
+    out.argmax = idx;
+  }
+  acc_t s = 0, sf = 0, spz = 0;
   // The fp32 hot path (gradient in forward, no softcap, finite max): keep exp(z - m) in place, so the
   // gradient pass is a multiply-add instead of a second exp. fp64 keeps one formula for both passes,
   // so a second backward (which recomputes from the saved lse) matches the first bit for bit.
@@ -66,71 +94,106 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
   // sum per SIMD lane over a 128k-entry row would lose ~1e-4 of the logsumexp.
   constexpr int64_t kBlock = 512;
   if (fused || (valid > 0 && m != -std::numeric_limits<acc_t>::infinity())) {
-    double s_acc = 0, sf_acc = 0;
+    double s_acc = 0, sf_acc = 0, pz_acc = 0;
     for (int64_t j0 = 0; j0 < valid; j0 += kBlock) {
       const int64_t j1 = std::min<int64_t>(valid, j0 + kBlock);
-      acc_t bs = 0, bf = 0;
-      if (fused) {
-#pragma omp simd reduction(+ : bs, bf)
+      acc_t bs = 0, bf = 0, bpz = 0;
+      if (cw) {
+#pragma omp simd reduction(+ : bf)
+        for (int64_t j = j0; j < j1; ++j) bf += cw[j] * f[j];
+      } else {
+#pragma omp simd reduction(+ : bf)
+        for (int64_t j = j0; j < j1; ++j) bf += f[j];
+      }
+      if (in.stats) {
+        // sum_j exp(z_j - m) z_j for the entropy; an entry of weight 0 adds 0, even at z = -inf
+#pragma omp simd reduction(+ : bpz)
         for (int64_t j = j0; j < j1; ++j) {
           const acc_t e = exp_fast(f[j] - m);
-          bf += f[j];
+          bpz += e > acc_t(0) ? e * f[j] : acc_t(0);
+        }
+      }
+      if (fused) {
+#pragma omp simd reduction(+ : bs)
+        for (int64_t j = j0; j < j1; ++j) {
+          const acc_t e = exp_fast(f[j] - m);
           bs += e;
           f[j] = e;
         }
       } else {
-#pragma omp simd reduction(+ : bs, bf)
-        for (int64_t j = j0; j < j1; ++j) {
-          bs += exp_fast(f[j] - m);
-          bf += f[j];
-        }
+#pragma omp simd reduction(+ : bs)
+        for (int64_t j = j0; j < j1; ++j) bs += exp_fast(f[j] - m);
       }
       s_acc += bs;
       sf_acc += bf;
+      pz_acc += bpz;
     }
     s = static_cast<acc_t>(s_acc);
     sf = static_cast<acc_t>(sf_acc);
+    spz = static_cast<acc_t>(pz_acc);
   } else {
     // An all-padding shard (or -inf logits): no mass here.  NaNs still reach s through sf.
-    for (int64_t j = 0; j < valid; ++j) sf += f[j];
+    for (int64_t j = 0; j < valid; ++j) sf += cw ? cw[j] * f[j] : f[j];
   }
   const acc_t lse = s > acc_t(0) || s != s ? m + std::log(s) : (sf != sf ? sf : -std::numeric_limits<acc_t>::infinity());
   const acc_t zy = zy_raw;
   out.lse = lse;
   out.zy = zy;
   out.sumf = sf;
+  if (in.stats) out.entropy = lse - (s > acc_t(0) ? spz / s : acc_t(0));
+  const acc_t eps = c.eps;
   if (in.ignored) {
     out.loss = 0;
+  } else if (!cw) {
+    out.loss = (acc_t(1) - eps) * (lse - zy) + c.z_loss * lse * lse;
+    if (eps != acc_t(0)) out.loss += eps * (lse - sf * c.inv_vocab);
   } else {
-    out.loss = (acc_t(1) - c.eps) * (lse - zy) + c.eps * (lse - sf * c.inv_vocab) + c.z_loss * lse * lse;
+    out.loss = in.cy * ((acc_t(1) - eps) * (lse - zy) + c.z_loss * lse * lse);
+    if (eps != acc_t(0)) out.loss += eps * c.inv_vocab * (c.cw_sum * lse - sf);
   }
   if (!in.grad) return;
-  if (in.ignored) {
-    for (int64_t j = 0; j < in.v; ++j) f[j] = 0;
+  if (in.ignored && in.gl == acc_t(0)) {
+    // 0 * softmax: zeros, unless the softmax itself is NaN (a NaN logit, a row of -inf), where
+    // PyTorch's gradient is NaN too
+    const acc_t l = in.have_lse ? in.lse_given : lse;
+    if (std::isfinite(l)) {
+      for (int64_t j = 0; j < in.v; ++j) f[j] = 0;
+    } else {
+      for (int64_t j = 0; j < valid; ++j) f[j] = acc_t(0) * exp_fast(f[j] - l);
+      for (int64_t j = valid; j < in.v; ++j) f[j] = 0;
+    }
     return;
   }
+  const acc_t g = in.ignored ? acc_t(0) : in.g;
   const acc_t l = in.have_lse ? in.lse_given : lse;
-  const acc_t a = in.g * (acc_t(1) + acc_t(2) * c.z_loss * l);
-  const acc_t b = in.g * c.eps * c.inv_vocab;
+  // a: the coefficient of p_j; b: of the smoothing's constant (times c_j with class weights)
+  const acc_t a = (cw ? g * (in.cy * ((acc_t(1) - eps) + acc_t(2) * c.z_loss * l) + eps * c.inv_vocab * c.cw_sum)
+                      : g * (acc_t(1) + acc_t(2) * c.z_loss * l)) + in.gl;
+  const acc_t b = g * eps * c.inv_vocab;
   if (fused) {
     // f holds exp(z - m); softmax = f / s since lse = m + log(s).
     const acc_t c1 = a * scale / s, c0 = b * scale;
+    if (cw) {
 #pragma omp simd
-    for (int64_t j = 0; j < valid; ++j) f[j] = f[j] * c1 - c0;
+      for (int64_t j = 0; j < valid; ++j) f[j] = f[j] * c1 - c0 * cw[j];
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < valid; ++j) f[j] = f[j] * c1 - c0;
+    }
   } else if (cap > acc_t(0)) {
 #pragma omp simd
     for (int64_t j = 0; j < valid; ++j) {
       const acc_t t = f[j] * inv_cap;
-      f[j] = (a * exp_fast(f[j] - l) - b) * (acc_t(1) - t * t) * scale;
+      f[j] = (a * exp_fast(f[j] - l) - b * (cw ? cw[j] : acc_t(1))) * (acc_t(1) - t * t) * scale;
     }
   } else {
 #pragma omp simd
-    for (int64_t j = 0; j < valid; ++j) f[j] = (a * exp_fast(f[j] - l) - b) * scale;
+    for (int64_t j = 0; j < valid; ++j) f[j] = (a * exp_fast(f[j] - l) - b * (cw ? cw[j] : acc_t(1))) * scale;
   }
-  if (in.target >= 0) {
+  if (in.target >= 0 && !in.ignored) {
     const acc_t t = zy * inv_cap;
     const acc_t chain = (cap > acc_t(0) ? acc_t(1) - t * t : acc_t(1)) * scale;
-    f[in.target] -= in.g * (acc_t(1) - c.eps) * chain;
+    f[in.target] -= g * (cw ? in.cy : acc_t(1)) * (acc_t(1) - eps) * chain;
   }
   for (int64_t j = valid; j < in.v; ++j) f[j] = 0;
 }
@@ -213,6 +276,12 @@ void cpu_row_kernel(const RowTask& t, const LossOptions& o) {
     c.eps = static_cast<acc_t>(o.label_smoothing);
     c.z_loss = static_cast<acc_t>(o.z_loss);
     c.inv_vocab = static_cast<acc_t>(1.0 / static_cast<double>(o.vocab_total));
+    c.cw = t.class_w.defined() ? t.class_w.data_ptr<acc_t>() : nullptr;
+    c.cw_sum = t.class_w.defined() ? t.class_w_sum.item<acc_t>() : static_cast<acc_t>(o.vocab_total);
+    const acc_t* cy = t.target_w.defined() ? t.target_w.data_ptr<acc_t>() : nullptr;
+    const acc_t* gl = t.grad_lse.defined() ? t.grad_lse.data_ptr<acc_t>() : nullptr;
+    int64_t* pred = t.pred_out.defined() ? t.pred_out.data_ptr<int64_t>() : nullptr;
+    acc_t* ent = t.ent_out.defined() ? t.ent_out.data_ptr<acc_t>() : nullptr;
     // Rows per task so that a task holds at least ~64k logits: small calls stay on one thread.
     const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, v));
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -231,8 +300,15 @@ void cpu_row_kernel(const RowTask& t, const LossOptions& o) {
         in.lse_given = lse_in ? lse_in[r] : acc_t(0);
         in.g = gs ? (gs_scalar ? gs[0] : gs[r]) : acc_t(1);
         in.grad = t.write_grad;
+        in.stats = pred != nullptr;
+        in.cy = cy ? cy[r] : acc_t(1);
+        in.gl = gl ? gl[r] : acc_t(0);
         RowOut<acc_t> out;
         run_row(f, in, c, out);
+        if (pred) {
+          pred[r] = out.argmax >= 0 ? out.argmax + o.vocab_start : o.vocab_start;
+          ent[r] = out.entropy;
+        }
         if (lse_out) lse_out[r] = out.lse;
         if (loss_out) loss_out[r] = out.loss;
         if (stats) {

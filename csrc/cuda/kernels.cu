@@ -547,6 +547,8 @@ FwdResult lce_fwd_cuda(
     const c10::optional<at::Tensor>& class_weight, bool return_stats) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
+  TORCH_CHECK_NOT_IMPLEMENTED(!class_weight.has_value() && !return_stats, "tiedkernels: class_weight and "
+                              "return_stats are not implemented in the CUDA kernels yet; use backend='torch'");
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_fwd_entry(cuda_row_kernel, hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
@@ -564,6 +566,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_cuda(
     const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
+  TORCH_CHECK_NOT_IMPLEMENTED(!class_weight.has_value() && !grad_lse.has_value(), "tiedkernels: class_weight and "
+                              "grad_lse are not implemented in the CUDA kernels yet; use backend='torch'");
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_bwd_entry(cuda_row_kernel, grad_loss, hidden, weight, bias, labels, lse, ignore_index,
@@ -579,6 +583,8 @@ at::Tensor lce_stats_cuda(const at::Tensor& hidden, const at::Tensor& weight, co
                           const c10::optional<at::Tensor>& class_weight) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
+  TORCH_CHECK_NOT_IMPLEMENTED(!class_weight.has_value(), "tiedkernels: class_weight is not implemented in the CUDA "
+                              "kernels yet; use backend='torch'");
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_stats_entry(cuda_row_kernel, hidden, weight, bias, labels, ignore_index, softcap, logit_scale,
