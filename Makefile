@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tiedkernels-installed
-SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp requirements/*.txt)
+SOURCES := setup.py pyproject.toml tiedkernels/_ext.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp requirements/*.txt)
 
 # Fragments under mk/ add their own targets; they append to EXTRA_TESTS what `make test`
 # must also run (a second transformers line, the CUDA compile check, ...).
@@ -14,12 +14,14 @@ EXTRA_TESTS :=
 .PHONY: all install demo test test-core bench clean
 all: test
 
+# The package is installed as a user who builds from source would (README, install section): torch first,
+# then an editable install without build isolation, so the extension compiles against that torch; the
+# `test` extra (requirements/test.txt) comes with it.
 $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade "pip>=23" setuptools wheel ninja
+	$(BIN)/python -m pip install --upgrade "pip>=23" "setuptools>=77" wheel ninja
 	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -r requirements/test.txt
-	$(BIN)/python -m pip install --no-build-isolation -e .
+	$(BIN)/python -m pip install --no-build-isolation -e ".[test]"
 	$(BIN)/python -m tiedkernels info
 	touch $@
 
@@ -42,4 +44,4 @@ bench: install
 	$(BIN)/python -m pytest benchmarks -q --benchmark-only
 
 clean:
-	rm -rf build *.egg-info tiedkernels/*.so
+	rm -rf build dist *.egg-info tiedkernels/*.so

@@ -8,7 +8,7 @@ import re
 
 # name: (lowest, highest) tested, as release tuples; a highest of (a, b) covers every a.b.x.
 SUPPORTED = {
-    "python": ((3, 10), (3, 12)),
+    "python": ((3, 11), (3, 12)),
     "torch": ((2, 11), (2, 14, 1)),
     "triton": ((3, 6), (3, 9)),
     "transformers": ((4, 51), (5,)),
@@ -25,7 +25,7 @@ def _fmt(t):
 
 
 def describe(name):
-    """'3.10-3.12', the tested range as text."""
+    """'3.11-3.12', the tested range as text."""
     lo, hi = SUPPORTED[name]
     return f"{_fmt(lo)}-{_fmt(hi)}" + (".x" if len(hi) == 1 else "")
 

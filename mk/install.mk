@@ -1,0 +1,19 @@
+# Installing like a library (README, install section): tests/test_install.py's install checks, in
+# throwaway venvs under build/install-tests on a copy of this checkout's files: `pip install .` with
+# torch installed (the first import compiles the kernels, two imports at once build once) and without it,
+# a wheel and an sdist from `python -m build` checked by `twine check`, each installed in a fresh venv,
+# `--no-build-isolation` and `-e`, and the torch-backend fallback when the kernels cannot be built.
+# torch comes from pip's cache (or the local wheel pip is configured with) at $(TORCH_VERSION).
+.PHONY: test-install dist
+
+test-install: install
+	TIEDKERNELS_INSTALL_TESTS=1 TORCH_VERSION=$(TORCH_VERSION) $(BIN)/python -m pytest tests/test_install.py -q -p no:cacheprovider
+
+# The wheel and the sdist, into dist/ (pure Python; the kernels compile on first import).
+dist:
+	rm -rf build/dist-tools dist
+	$(PYTHON) -m venv build/dist-tools
+	build/dist-tools/bin/python -m pip install -r requirements/dist.txt
+	build/dist-tools/bin/python -m build --outdir dist .
+	build/dist-tools/bin/python -m twine check --strict dist/*
+
