@@ -13,6 +13,7 @@ loss written out) under the same transform, with random tangents and incoming gr
 (N = 10 or 2 x 5 tokens, D = 5, V = 11, chunks of 3 rows) and every option.
 """
 
+import inspect
 import os
 import subprocess
 import sys
@@ -40,9 +41,10 @@ def _triton_here():
 
 
 # The Triton kernels run on CPU tensors only when TRITON_INTERPRET=1 was set before Triton was
-# imported; in the main test process it is not, and test_gpu_kernel_cases_under_the_interpreter runs these
-# cases in a process of their own.
+# imported; in the main test process it is not, and test_gpu_kernel_cases_under_the_interpreter
+# runs these cases in a process of their own.
 BACKENDS = BACKENDS_CPU + (["triton"] if _triton_here() else [])
+
 
 # Where a path never runs a kernel (forward-mode AD and torch.func route to plain PyTorch before
 # any kernel), the Triton backend runs one case: enough to show the routing.
@@ -285,12 +287,12 @@ def test_per_sample_gradients(backend_all):
     """vmap(grad): one gradient of the weight per sequence, as Opacus-style training computes."""
     h, w, b, y = _inputs(True)
 
-    def loss(fn, w_, b_, h_, y_):
-        return fn(h_[None], w_, y_[None], bias=b_, shift=True, label_smoothing=0.1)
+    def tk_loss(w_, b_, h_, y_):
+        return tk.linear_cross_entropy(h_[None], w_, y_[None], bias=b_, shift=True, label_smoothing=0.1,
+                                       chunk_size=CHUNK, backend=backend_all)
 
-    tk_loss = lambda *a: loss(lambda *x, **k: tk.linear_cross_entropy(*x, chunk_size=CHUNK, backend=backend_all,  # noqa: E731
-                                                                       **k), *a)
-    ref_loss = lambda *a: loss(R.linear_cross_entropy, *a)  # noqa: E731
+    def ref_loss(w_, b_, h_, y_):
+        return R.linear_cross_entropy(h_[None], w_, y_[None], bias=b_, shift=True, label_smoothing=0.1)
     got = torch.func.vmap(torch.func.grad(tk_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, b, h, y)
     for i, g in enumerate(got):
         for s in range(B_):
@@ -361,6 +363,73 @@ def test_lse_is_differentiable(backend_all, case):
         grads.append(torch.autograd.grad((lse * _rand_like(lse, 62)).sum(), leaves))
     for i, (g, r) in enumerate(zip(grads[0] + grads[1], grads[2] + grads[3])):
         _close(g, r, f"lse backward ({case}): gradient {i}")
+
+
+# ------------------------------------------------------------------------------------------
+# class weights and the statistics in every mode (PyTorch's F.cross_entropy(weight=) is the truth)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("backend_all", BACKENDS)
+def test_class_weights_in_every_mode(backend_all, reduction):
+    h, w, b, y = _inputs(True)
+    c = torch.rand(V, dtype=F64, generator=torch.Generator().manual_seed(70)) + 0.2
+
+    def tk_fn(h_, w_, b_):
+        return tk.linear_cross_entropy(h_, w_, y, bias=b_, class_weight=c, reduction=reduction, label_smoothing=0.1,
+                                       softcap=2.5, chunk_size=CHUNK, backend=backend_all)
+
+    def ref_fn(h_, w_, b_):
+        z = 2.5 * torch.tanh(F.linear(h_, w_, b_) / 2.5)
+        out = F.cross_entropy(z.reshape(-1, V), y.reshape(-1), weight=c, reduction=reduction, label_smoothing=0.1)
+        return out.reshape(y.shape) if reduction == "none" else out
+
+    tangents = tuple(_rand_like(t, 71 + i) for i, t in enumerate((h, w, b)))
+    _close(torch.func.jvp(tk_fn, (h, w, b), tangents)[1], torch.func.jvp(ref_fn, (h, w, b), tangents)[1],
+           f"class weights ({reduction}): jvp")
+    for name, tr in (("grad", torch.func.grad), ("jacrev", torch.func.jacrev)):
+        gy = _rand_like(y.double(), 72)
+        red = (lambda f: f) if reduction == "mean" else (lambda f: lambda *a: (f(*a) * gy).sum())
+        for i, (g, r) in enumerate(zip(tr(red(tk_fn), argnums=(0, 1, 2))(h, w, b),
+                                       tr(red(ref_fn), argnums=(0, 1, 2))(h, w, b))):
+            _close(g, r, f"class weights ({reduction}): torch.func.{name} wrt input {i}")
+    firsts, seconds = _grad_then_hvp(tk_fn, _leaves(h, w, b), seed=73)
+    rfirsts, rseconds = _grad_then_hvp(ref_fn, _leaves(h, w, b), seed=73)
+    for i, (g, r) in enumerate(zip(firsts + seconds, rfirsts + rseconds)):
+        _close(g, r, f"class weights ({reduction}): create_graph derivative {i}")
+    # class_weight itself gets no derivative: asking for one is an error, never a silent zero
+    with pytest.raises(NotImplementedError, match="class_weight"):
+        torch.func.grad(lambda c_: tk.linear_cross_entropy(h, w, y, class_weight=c_, backend=backend_all))(c)
+    with pytest.raises(NotImplementedError, match="class_weight"):
+        torch.func.jvp(lambda c_: tk.linear_cross_entropy(h, w, y, class_weight=c_, backend=backend_all), (c,),
+                       (torch.ones_like(c),))
+
+
+@pytest.mark.parametrize("backend_all", BACKENDS)
+def test_statistics_under_transforms(backend_all):
+    """return_stats under torch.func: the same statistics as the ordinary call, a loss that differentiates."""
+    h, w, b, y = _inputs(True)
+    kw = dict(bias=b, shift=True, z_loss=0.01, return_stats=True, chunk_size=CHUNK, backend=backend_all)
+    eager = tk.linear_cross_entropy(h, w, y, **kw)
+
+    def loss_and_stats(h_):
+        st = tk.linear_cross_entropy(h_, w, y, **kw)
+        return st.loss, (st.predictions, st.accuracy, st.entropy, st.z_loss)
+
+    g, aux = torch.func.grad(loss_and_stats, has_aux=True)(h)
+    assert torch.equal(aux[0], eager.predictions)
+    for name, a, r in zip(("accuracy", "entropy", "z_loss"), aux[1:], (eager.accuracy, eager.entropy, eager.z_loss)):
+        _close(a, r, f"statistics under torch.func.grad: {name}")
+    _close(g, torch.func.grad(lambda h_: R.linear_cross_entropy(h_, w, y, bias=b, shift=True, z_loss=0.01))(h),
+           "statistics under torch.func.grad: the loss's gradient")
+
+
+# (collected where the public function has these options; the ops and the differentiable path do)
+_OPTIONS = inspect.signature(tk.linear_cross_entropy).parameters
+if "class_weight" not in _OPTIONS:
+    del test_class_weights_in_every_mode
+if "return_stats" not in _OPTIONS:
+    del test_statistics_under_transforms
 
 
 # ------------------------------------------------------------------------------------------

@@ -398,12 +398,11 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     extra = dict(class_weight=class_weight, return_stats=bool(return_stats))
     out = None
     with no_autocast(weight.device):
-        if _composite.mode(h2, weight, bias) is not None:
-            if class_weight is not None or return_stats:
-                raise NotImplementedError("tiedkernels: class_weight and return_stats are not available under "
-                                          "torch.func transforms or forward-mode AD yet")
+        if _composite.mode(h2, weight, bias, class_weight) is not None:
             # torch.func transforms, forward-mode AD: the differentiable path (chunked plain ops)
-            tok, lse = _composite.linear_cross_entropy(h2, weight, bias, lab, opts)
+            out = _composite.linear_cross_entropy(h2, weight, bias, lab, opts, class_weight, return_stats)
+            tok, lse = out[:2]
+            out = (tok, lse, None, None, None, *out[2:])  # the op's output positions (stats at 5, 6)
             loss = reduce_tokens(tok, labels.shape, reduction, denom, shift)
         elif reduction != "none" and torch.is_grad_enabled() and any(need):
             # Gradient-in-forward: the scalar's gradients are computed in the same pass.
