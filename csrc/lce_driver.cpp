@@ -184,20 +184,48 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
   const int64_t dw_tile = std::max<int64_t>(1, kDwTileBytes / std::max<int64_t>(1, d * h.element_size()));
 
-  at::Tensor zbuf = at::empty({n == 0 ? 0 : chunk, v}, h.options());
-  for (const auto& t : {zbuf, r.dh, dw_part, dw_acc}) advise_huge_pages(t);
+  // Low precision with a bias, a softcap or a logit scale: the chunk's logits stay in fp32 (no
+  // rounding to the input dtype before those are applied, so the lse is as exact as fp32 allows);
+  // dL/dz is then rounded once into the input dtype for the dh/dW GEMMs.  Without them the logits
+  // are the input dtype's GEMM output, exactly what a stock model computes.
+  const bool exact_logits = low_precision && (bias.has_value() || opt.softcap > 0 || opt.logit_scale != 1.0);
+  at::Tensor zbuf = (!exact_logits || grads) ? at::empty({n == 0 ? 0 : chunk, v}, h.options()) : at::Tensor();
+  at::Tensor z32buf = exact_logits ? at::empty({n == 0 ? 0 : chunk, v}, sopt) : at::Tensor();
+  const auto bias32 = exact_logits && bias.has_value() ? bias->to(sdt) : at::Tensor();
+  // CPU: ATen has no low-precision GEMM into fp32 there; the weight goes through fp32 in tiles.
+  const int64_t w_tile = std::max<int64_t>(1, kDwTileBytes / std::max<int64_t>(1, d * 4));
+  for (const auto& t : {zbuf, z32buf, r.dh, dw_part, dw_acc}) advise_huge_pages(t);
   const auto wt = w.t();
   for (int64_t start = 0; start < n; start += chunk) {
     const int64_t rows = std::min(chunk, n - start);
     const auto hc = h.narrow(0, start, rows);
-    auto z = zbuf.narrow(0, 0, rows);
-    if (bias.has_value()) {
+    at::Tensor z = zbuf.defined() ? zbuf.narrow(0, 0, rows) : at::Tensor();
+    at::Tensor zf = z;  // the logits the row kernel works on
+    if (exact_logits) {
+      zf = z32buf.narrow(0, 0, rows);
+      if (!h.is_cpu()) {
+        at::mm_out(zf, hc, wt, sdt);  // cuBLAS: fp32 accumulation and output
+        if (bias32.defined()) zf.add_(bias32);
+      } else {
+        const auto hc32 = hc.to(sdt);
+        for (int64_t v0 = 0; v0 < v; v0 += w_tile) {
+          const int64_t vt = std::min(w_tile, v - v0);
+          auto out = zf.narrow(1, v0, vt);
+          const auto w32 = w.narrow(0, v0, vt).to(sdt);
+          if (bias32.defined()) {
+            at::addmm_out(out, bias32.narrow(0, v0, vt), hc32, w32.t());
+          } else {
+            at::mm_out(out, hc32, w32.t());
+          }
+        }
+      }
+    } else if (bias.has_value()) {
       at::addmm_out(z, *bias, hc, wt);
     } else {
       at::mm_out(z, hc, wt);
     }
     RowTask t;
-    t.logits = z;
+    t.logits = zf;
     t.labels = lab.narrow(0, start, rows);
     if (gs.defined()) t.grad_scale = gs.dim() == 0 ? gs : gs.narrow(0, start, rows);
     if (lse_given.defined()) t.lse_in = lse_given.narrow(0, start, rows);
@@ -219,6 +247,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
     t.write_grad = grads;
     row_kernel(t, opt);
     if (!grads) continue;
+    if (exact_logits) z.copy_(zf);  // dL/dz, rounded once
     if (want_dh) {
       auto dhc = r.dh.narrow(0, start, rows);
       at::mm_out(dhc, z, w);

@@ -1,6 +1,6 @@
 """The fused loss's options beyond the basic ones, on every CPU backend, against fp64 PyTorch:
 class weights, per-token statistics (return_stats), the lse's incoming gradient (lce_bwd's
-grad_lse) and masked (-inf) logits.
+grad_lse), masked (-inf) logits, and low-precision logsumexp with a bias or softcap.
 
 Every comparison uses a random incoming gradient and the tolerance rules of tests/tolerances.py.
 """
@@ -311,3 +311,52 @@ def test_masked_logits_are_pytorchs(backend, kind, reduction, label_smoothing, d
         assert torch.isfinite(ours).all(), "a masked vocabulary entry must leave the loss finite"
     for name, a, r in zip(("loss", "dh", "dW", "db"), (ours,) + mine, (theirs,) + ref):
         assert_close(a, r, dtype=dtype, name=f"{backend}/{kind}/{reduction}/eps={label_smoothing}: {name}")
+
+
+# ------------------------------------------------------------------------------------------
+# low-precision logsumexp: Cut Cross-Entropy's rule
+
+
+def _cce_inputs(n, v, d, dtype, has_bias, seed=0):
+    """CCE's test_lse data: e ~ N(0, 1/d), c ~ N(0, 1), half the rows of c copied from e (large
+    logits), bias ~ 0.02 N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    e = (torch.randn(n, d, generator=gen) / d**0.5).to(dtype)
+    c = torch.randn(v, d, generator=gen).to(dtype)
+    c[: min(n, v) // 2] = e[: min(n, v) // 2]
+    bias = (torch.randn(v, generator=gen) * 0.02).to(dtype) if has_bias else None
+    return e, c, bias
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 0.7], ids=["noscale", "scale"])
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "cap20"])
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS_CPU)
+def test_low_precision_lse_cce_rule(backend, dtype, has_bias, softcap, logit_scale):
+    """Per row, |exact - tk| <= |exact - PyTorch in the same dtype| + 1e-5, where exact is fp64 and
+    PyTorch in the same dtype is CCE's reference (its test_lse): e @ c.T in the dtype, + bias and the
+    softcap in the dtype (the scale likewise), then a fp32 logsumexp."""
+    for n, v, d in ((255, 507, 128), (255, 507, 123)):
+        e, c, bias = _cce_inputs(n, v, d, dtype, has_bias)
+        z64 = e.double() @ c.double().T
+        zlp = e @ c.T
+        if bias is not None:
+            z64 = z64 + bias.double()
+            zlp = zlp + bias
+        if logit_scale != 1.0:
+            z64 = z64 * logit_scale
+            zlp = zlp * logit_scale
+        if softcap is not None:
+            z64 = torch.tanh(z64 / softcap) * softcap
+            zlp = torch.tanh(zlp / softcap) * softcap
+        exact = torch.logsumexp(z64, -1)
+        same = torch.logsumexp(zlp.float(), -1).double()
+        labels = torch.zeros(n, dtype=torch.long)
+        _, lse = tk.linear_cross_entropy(e, c, labels, bias=bias, softcap=softcap, logit_scale=logit_scale,
+                                         reduction="none", return_lse=True, chunk_size=64, backend=backend)
+        ours = (exact - lse.double()).abs()
+        bound = (exact - same).abs() + 1e-5
+        bad = ours > bound
+        assert not bad.any(), (f"{backend} {dtype} bias={has_bias} softcap={softcap} shape={(n, v, d)}: "
+                               f"{int(bad.sum())} rows over the bound, worst excess {float((ours - bound).max()):.3g}")

@@ -157,6 +157,11 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
     db = weight.new_zeros((v,), dtype=sdt) if want_db else None
     eps, inv_v = float(label_smoothing), 1.0 / vt
     # this shard's columns of the class weights (padding columns weigh 0), their global sum
+    # Low precision with a bias, softcap or scale: the logits in fp32 (no rounding before those
+    # apply); dL/dz is rounded once to the input dtype for the GEMMs.
+    exact = sdt != hidden.dtype and (bias is not None or softcap > 0 or logit_scale != 1.0)
+    w32 = weight.to(sdt) if exact else None
+    b32 = bias.to(sdt) if exact and bias is not None else None
     c_local = None
     if cw is not None:
         c_local = torch.zeros((v,), dtype=sdt, device=hidden.device)
@@ -165,7 +170,10 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
     for start in range(0, n, chunk_size):
         rows = min(chunk_size, n - start)
         hc = hidden[start : start + rows]
-        z = torch.nn.functional.linear(hc, weight, bias)
+        if exact:
+            z = torch.nn.functional.linear(hc.to(sdt), w32, b32)
+        else:
+            z = torch.nn.functional.linear(hc, weight, bias)
         f = _transform(z.to(sdt), logit_scale, softcap)
         if valid < v:
             f[:, valid:] = float("-inf")
