@@ -9,6 +9,14 @@ those steps and, when ``F.cross_entropy`` is called on it, runs the fused projec
 cross-entropy on the hidden states with the recorded bias, scale and softcap. Any other use
 (an operation it does not know) builds the real logits exactly as the stock model would and
 carries on, with one warning: never a wrong value, at worst the memory of the stock model.
+
+Under ``torch.compile`` a storage-less wrapper cannot be traced, so ``lazy_logits`` returns a
+``TracedLazyLogits`` instead: the real logits (``F.linear`` of the hidden states, a graph node)
+viewed as a subclass that records the same steps, each applied to the real tensor too. When the
+recorded chain ends in ``F.cross_entropy``, the fused op computes the loss from the hidden states
+and the real logits and their steps have no user left: the compiler drops them from the graph,
+forward and backward, so the compiled step keeps the saving. Any other use reads the real
+tensor, which is exactly what the stock model computed.
 """
 
 import numbers
@@ -68,7 +76,7 @@ class LazyLogits(torch.Tensor):
         r._ops = tuple(ops)
         return r
 
-    def _with(self, hidden=None, op=None, dtype=None):
+    def _with(self, hidden=None, op=None, dtype=None, real=None):
         ops = self._ops + ((op,) if op is not None else ())
         return LazyLogits(self._hidden if hidden is None else hidden, self._out, ops, dtype=dtype or self.dtype)
 
@@ -159,12 +167,53 @@ class LazyLogits(torch.Tensor):
         if res is not NotImplemented:
             return res
         name = getattr(func, "__name__", str(func))
-        if name not in _warned:
+        if name not in _warned and not torch.compiler.is_compiling():
             _warned.add(name)
             warnings.warn(f"tiedkernels.hf: {name} on the logits of a patched model builds the full logits "
                           "(the result is exact, the memory saving is lost for this call)", stacklevel=3)
         args, kwargs = _materialize_all(args), _materialize_all(kwargs)
         return func(*args, **kwargs)
+
+
+class TracedLazyLogits(LazyLogits):
+    """What ``lazy_logits`` returns under ``torch.compile``: the real logits (a graph node), viewed as
+    a subclass that records the steps like ``LazyLogits``. Each recorded step is applied to the real
+    tensor as well (``_real``), so every value it hands out is the stock one; when the fused loss is
+    taken, those nodes are dead and the compiler removes them."""
+
+    # A plain tensor underneath: no Python dispatch key (Dynamo traces __torch_function__ only).
+    __torch_dispatch__ = torch._C._disabled_torch_dispatch_impl
+
+    @staticmethod
+    def __new__(cls, hidden, out, ops=(), dtype=None, real=None):
+        raise TypeError("TracedLazyLogits is built by tiedkernels.hf._lazy.lazy_logits")
+
+    @staticmethod
+    def _make(real, hidden, out, ops):
+        r = real.as_subclass(TracedLazyLogits)
+        r._real = real
+        r._hidden = hidden
+        r._out = out
+        r._ops = tuple(ops)
+        return r
+
+    def _with(self, hidden=None, op=None, dtype=None, real=None):
+        ops = self._ops + ((op,) if op is not None else ())
+        return TracedLazyLogits._make(real, self._hidden if hidden is None else hidden, self._out, ops)
+
+    def materialize(self):
+        return self._real
+
+    def __repr__(self, *, tensor_contents=None):
+        return f"TracedLazyLogits(shape={tuple(self.shape)}, dtype={self.dtype}, ops={[o[0] for o in self._ops]})"
+
+
+def lazy_logits(hidden, out):
+    """The placeholder logits of output layer ``out`` (an ``HFTiedOutput``) on ``hidden``: a
+    storage-less ``LazyLogits`` in eager mode, a ``TracedLazyLogits`` while ``torch.compile`` traces."""
+    if torch.compiler.is_compiling():
+        return TracedLazyLogits._make(out.real_forward(hidden), hidden, out, ())
+    return LazyLogits(hidden, out)
 
 
 def _try_lazy(func, args, kwargs):
@@ -175,6 +224,13 @@ def _try_lazy(func, args, kwargs):
             return NotImplemented
     x = args[0]
     rest = args[1:]
+    traced = isinstance(x, TracedLazyLogits)
+    if traced and not _is(func, _CE):
+        # The real result of the step (the stock value), recorded along with the step below.
+        with torch._C.DisableTorchFunctionSubclass():
+            real = func(*_materialize_all(args), **_materialize_all(kwargs))
+    else:
+        real = None
     if _is(func, _CE):
         if len(rest) < 1 and "target" not in kwargs:
             return NotImplemented
@@ -185,26 +241,26 @@ def _try_lazy(func, args, kwargs):
         res = x._cross_entropy(target, **opts)
         return NotImplemented if res is None else res
     if _is(func, _IDENT) and not rest and not kwargs:
-        return x
+        return x._with(real=real) if traced else x
     if _is(func, _CAST):
         dtype = _cast_dtype(func, x, rest, kwargs)
         if dtype is None:
             return NotImplemented
-        return x._with(op=("cast", dtype), dtype=dtype)
+        return x._with(op=("cast", dtype), dtype=dtype, real=real)
     if _is(func, _TANH) and not rest and not kwargs:
-        return x._with(op=("tanh", None))
+        return x._with(op=("tanh", None), real=real)
     if _is(func, _MUL) and len(rest) == 1 and not kwargs:
         s = _scalar(rest[0])
-        return NotImplemented if s is None else x._with(op=("mul", s))
+        return NotImplemented if s is None else x._with(op=("mul", s), real=real)
     if _is(func, _DIV) and len(rest) == 1 and not kwargs:
         s = _scalar(rest[0])
-        return NotImplemented if s is None or s == 0.0 else x._with(op=("div", s))
+        return NotImplemented if s is None or s == 0.0 else x._with(op=("div", s), real=real)
     if _is(func, _ADD) and len(rest) == 1 and not kwargs:
         b = rest[0]
         v = x.shape[-1]
         if (isinstance(b, torch.Tensor) and not isinstance(b, LazyLogits) and b.numel() == v and b.dim() >= 1
                 and b.shape[-1] == v and b.device == x.device):
-            return x._with(op=("add", b))
+            return x._with(op=("add", b), real=real)
         return NotImplemented
     if _is(func, _VIEW):
         shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list, torch.Size)) else rest
@@ -220,12 +276,12 @@ def _try_lazy(func, args, kwargs):
             h = x._hidden.reshape(*shape[:-1], x._hidden.shape[-1])
         except RuntimeError:
             return NotImplemented
-        return x._with(hidden=h)
+        return x._with(hidden=h, real=real)
     if func == _T.__getitem__ and len(rest) == 1:
         idx = rest[0] if isinstance(rest[0], tuple) else (rest[0],)
         if not _keeps_last_dim(idx, x.dim()):
             return NotImplemented
-        return x._with(hidden=x._hidden[rest[0]])
+        return x._with(hidden=x._hidden[rest[0]], real=real)
     return NotImplemented
 
 

@@ -4,7 +4,7 @@ and its output side, which hands back ``LazyLogits`` while the model computes a 
 import torch
 
 from ..module import TiedEmbeddingHead, TiedOutputEmbedding
-from ._lazy import LazyLogits
+from ._lazy import lazy_logits
 
 
 class HFTiedEmbedding(TiedEmbeddingHead):
@@ -52,10 +52,10 @@ class HFTiedOutput(TiedOutputEmbedding):
         return super().forward(hidden)
 
     def forward(self, hidden, **opts):
-        # Under torch.compile the tensor subclass cannot be traced: the compiled graph computes the
-        # logits and the stock loss (exact; the memory saving is an eager-mode feature).
-        if self.__dict__.get("lazy") and not opts and not torch.compiler.is_compiling() \
+        # Eager: storage-less placeholder logits; under torch.compile, the real logits recorded the
+        # same way, which the compiler drops once the fused loss is taken (see _lazy.py).
+        if self.__dict__.get("lazy") and not opts \
                 and isinstance(hidden, torch.Tensor) \
                 and hidden.shape[-1] == self.weight.shape[1] and hidden.dtype == self.weight.dtype:
-            return LazyLogits(hidden, self)
+            return lazy_logits(hidden, self)
         return super().forward(hidden, **opts)
