@@ -359,6 +359,13 @@ struct RowParams {
   acc_t* stats;
   int64_t stats_stride;
   bool write_grad;
+  // class weights (null without): this shard's columns [v], the rows' c[y], the vocabulary's sum
+  const acc_t* cw;
+  const acc_t* cy;
+  const acc_t* cw_sum;
+  const acc_t* gl;  // incoming gradient of lse per row, or null
+  int64_t* pred;    // per-row global argmax, or null (then ent is null too)
+  acc_t* ent;
 };
 
 template <typename acc_t>
@@ -429,7 +436,96 @@ __device__ void block_reduce(acc_t& m, acc_t& s, acc_t& sf, acc_t& zy) {
   zy = szy[0];
 }
 
-template <typename scalar_t, typename acc_t>
+// The entropy's sum_j exp(x_j - max) x_j rides along the (max, sum) pair: merge b into a.
+template <typename acc_t>
+__device__ __forceinline__ void lse_merge_t(acc_t& m, acc_t& s, acc_t& t, acc_t m2, acc_t s2, acc_t t2) {
+  const acc_t ninf = -std::numeric_limits<acc_t>::infinity();
+  if (m2 == ninf && !(s2 != s2)) return;
+  if (m == ninf && !(s != s)) {
+    m = m2;
+    s = s2;
+    t = t2;
+    return;
+  }
+  const acc_t mm = m > m2 ? m : m2;
+  const acc_t e1 = exp(m - mm), e2 = exp(m2 - mm);
+  s = s * e1 + s2 * e2;
+  t = t * e1 + t2 * e2;
+  m = mm;
+}
+
+// torch.argmax's order: a NaN beats everything, then the larger value, then the smaller index.
+template <typename acc_t>
+__device__ __forceinline__ void argmax_merge(acc_t& v, int& i, acc_t v2, int i2) {
+  if (i2 < 0) return;
+  const bool n1 = v != v, n2 = v2 != v2;
+  bool take;
+  if (i < 0) {
+    take = true;
+  } else if (n1 || n2) {
+    take = n2 && (!n1 || i2 < i);
+  } else {
+    take = v2 > v || (v2 == v && i2 < i);
+  }
+  if (take) {
+    v = v2;
+    i = i2;
+  }
+}
+
+// Block-wide (max, sum, entropy term) and argmax of one row: the return_stats pass.
+template <typename acc_t>
+__device__ __noinline__ void block_reduce_stats(acc_t& m, acc_t& s, acc_t& t, acc_t& av, int& ai) {
+  __shared__ acc_t sm[32], ss[32], st[32], sav[32];
+  __shared__ int sai[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  auto warp_reduce = [&]() {
+    for (int off = 16; off > 0; off /= 2) {
+      const acc_t m2 = __shfl_down_sync(0xffffffffu, m, off);
+      const acc_t s2 = __shfl_down_sync(0xffffffffu, s, off);
+      const acc_t t2 = __shfl_down_sync(0xffffffffu, t, off);
+      const acc_t av2 = __shfl_down_sync(0xffffffffu, av, off);
+      const int ai2 = __shfl_down_sync(0xffffffffu, ai, off);
+      lse_merge_t(m, s, t, m2, s2, t2);
+      argmax_merge(av, ai, av2, ai2);
+    }
+  };
+  warp_reduce();
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+    st[warp] = t;
+    sav[warp] = av;
+    sai[warp] = ai;
+  }
+  __syncthreads();
+  const int warps = (blockDim.x + 31) / 32;
+  if (warp == 0) {
+    m = lane < warps ? sm[lane] : -std::numeric_limits<acc_t>::infinity();
+    s = lane < warps ? ss[lane] : acc_t(0);
+    t = lane < warps ? st[lane] : acc_t(0);
+    av = lane < warps ? sav[lane] : acc_t(0);
+    ai = lane < warps ? sai[lane] : -1;
+    warp_reduce();
+    if (lane == 0) {
+      sm[0] = m;
+      ss[0] = s;
+      st[0] = t;
+      sav[0] = av;
+      sai[0] = ai;
+    }
+  }
+  __syncthreads();
+  m = sm[0];
+  s = ss[0];
+  t = st[0];
+  av = sav[0];
+  ai = sai[0];
+}
+
+// STATS: the return_stats variant (argmax and entropy), a kernel of its own so that the plain
+// one carries none of its registers.
+template <typename scalar_t, typename acc_t, bool STATS>
 __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__ z, RowParams<acc_t> p) {
   const int64_t row = blockIdx.x;
   scalar_t* zr = z + row * p.v;
@@ -441,17 +537,29 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
   const int64_t target = (!ignored && !bad && local >= 0 && local < p.valid) ? local : -1;
 
   acc_t m = ninf, s = 0, sf = 0, zy = 0;
+  acc_t t = 0, av = 0;  // return_stats: sum of exp(f - m) f; the argmax's value and (local) index
+  int ai = -1;
+  constexpr bool stats = STATS;
   for (int64_t j = threadIdx.x; j < p.valid; j += blockDim.x) {
     const acc_t f = transform(static_cast<acc_t>(zr[j]), p);
-    sf += f;
+    sf += p.cw ? p.cw[j] * f : f;
     if (j == target) zy = f;
+    if (stats) argmax_merge(av, ai, f, static_cast<int>(j));
     if (f == ninf) continue;
     if (f > m) {
-      s = s * exp(m - f) + acc_t(1);
+      const acc_t r = exp(m - f);
+      s = s * r + acc_t(1);
+      if (stats) t = t * r + f;
       m = f;
     } else {
-      s += exp(f - m);  // NaN f: f > m is false, and the NaN lands in s
+      const acc_t e = exp(f - m);
+      s += e;  // NaN f: f > m is false, and the NaN lands in s
+      if (stats) t += e * f;
     }
+  }
+  if (stats) {
+    acc_t m2 = m, s2 = s;
+    block_reduce_stats(m2, s2, t, av, ai);
   }
   block_reduce(m, s, sf, zy);
   acc_t lse;
@@ -463,8 +571,20 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
   if (sf != sf) lse = sf;
   if (threadIdx.x == 0) {
     if (p.lse_out) p.lse_out[row] = lse;
+    if (stats) {
+      p.pred[row] = static_cast<int64_t>(ai >= 0 ? ai : 0) + p.vocab_start;
+      p.ent[row] = lse - (s > acc_t(0) ? t / s : acc_t(0));
+    }
     if (p.loss_out) {
-      acc_t loss = (acc_t(1) - p.eps) * (lse - zy) + p.eps * (lse - sf * p.inv_vocab) + p.z_loss * lse * lse;
+      // the smoothing term only when eps > 0: a -inf logit never meets 0 * inf
+      acc_t loss;
+      if (p.cw) {
+        loss = p.cy[row] * ((acc_t(1) - p.eps) * (lse - zy) + p.z_loss * lse * lse);
+        if (p.eps != acc_t(0)) loss += p.eps * p.inv_vocab * (*p.cw_sum * lse - sf);
+      } else {
+        loss = (acc_t(1) - p.eps) * (lse - zy) + p.z_loss * lse * lse;
+        if (p.eps != acc_t(0)) loss += p.eps * (lse - sf * p.inv_vocab);
+      }
       if (ignored) loss = 0;
       if (bad) loss = NAN;
       p.loss_out[row] = loss;
@@ -476,16 +596,21 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
     }
   }
   if (!p.write_grad) return;
-  if (ignored || bad) {
+  const acc_t gl = p.gl ? p.gl[row] : acc_t(0);
+  const acc_t l = p.lse_in ? p.lse_in[row] : lse;
+  if (bad || (ignored && gl == acc_t(0) && isfinite(l))) {
     const scalar_t fill = static_cast<scalar_t>(ignored ? acc_t(0) : acc_t(NAN));
     for (int64_t j = threadIdx.x; j < p.v; j += blockDim.x) zr[j] = j < p.valid ? fill : scalar_t(0);
     return;
   }
-  const acc_t l = p.lse_in ? p.lse_in[row] : lse;
-  const acc_t g = p.gs ? (p.gs_scalar ? p.gs[0] : p.gs[row]) : acc_t(1);
-  const acc_t a = g * (acc_t(1) + acc_t(2) * p.z_loss * l);
+  // (an ignored row whose softmax is NaN, a NaN logit or a row of -inf, gets 0 * NaN as in PyTorch,
+  // through g = 0 below)
+  const acc_t g = ignored ? acc_t(0) : (p.gs ? (p.gs_scalar ? p.gs[0] : p.gs[row]) : acc_t(1));
+  const acc_t cy = p.cw ? p.cy[row] : acc_t(1);
+  const acc_t a = (p.cw ? g * (cy * ((acc_t(1) - p.eps) + acc_t(2) * p.z_loss * l) + p.eps * p.inv_vocab * *p.cw_sum)
+                        : g * (acc_t(1) + acc_t(2) * p.z_loss * l)) + gl;
   const acc_t b = g * p.eps * p.inv_vocab;
-  const acc_t gt = g * (acc_t(1) - p.eps);
+  const acc_t gt = g * cy * (acc_t(1) - p.eps);
   for (int64_t j = threadIdx.x; j < p.v; j += blockDim.x) {
     if (j >= p.valid) {
       zr[j] = scalar_t(0);
@@ -497,7 +622,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
       const acc_t t = f * p.inv_cap;
       chain *= acc_t(1) - t * t;
     }
-    acc_t dz = a * exp(f - l) - b;
+    acc_t dz = a * exp(f - l) - (p.cw ? b * p.cw[j] : b);
     if (j == target) dz -= gt;
     zr[j] = static_cast<scalar_t>(dz * chain);
   }
@@ -530,7 +655,19 @@ void cuda_row_kernel(const RowTask& t, const LossOptions& o) {
     p.stats = t.stats_out.defined() ? t.stats_out.data_ptr<acc_t>() : nullptr;
     p.stats_stride = t.stats_out.defined() ? t.stats_out.stride(0) : 0;
     p.write_grad = t.write_grad;
-    row_kernel<scalar_t, acc_t><<<rows, kRowThreads, 0, stream()>>>(t.logits.data_ptr<scalar_t>(), p);
+    p.cw = t.class_w.defined() ? t.class_w.data_ptr<acc_t>() : nullptr;
+    p.cy = t.class_w.defined() ? t.target_w.data_ptr<acc_t>() : nullptr;
+    p.cw_sum = t.class_w.defined() ? t.class_w_sum.data_ptr<acc_t>() : nullptr;
+    p.gl = t.grad_lse.defined() ? t.grad_lse.data_ptr<acc_t>() : nullptr;
+    p.pred = t.pred_out.defined() ? t.pred_out.data_ptr<int64_t>() : nullptr;
+    p.ent = t.ent_out.defined() ? t.ent_out.data_ptr<acc_t>() : nullptr;
+    TORCH_CHECK(!p.pred || v < std::numeric_limits<int>::max(), "tiedkernels: return_stats needs fewer than 2^31 "
+                "columns per shard on CUDA, got ", v);
+    if (p.pred) {
+      row_kernel<scalar_t, acc_t, true><<<rows, kRowThreads, 0, stream()>>>(t.logits.data_ptr<scalar_t>(), p);
+    } else {
+      row_kernel<scalar_t, acc_t, false><<<rows, kRowThreads, 0, stream()>>>(t.logits.data_ptr<scalar_t>(), p);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -547,8 +684,6 @@ FwdResult lce_fwd_cuda(
     const c10::optional<at::Tensor>& class_weight, bool return_stats) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
-  TORCH_CHECK_NOT_IMPLEMENTED(!class_weight.has_value() && !return_stats, "tiedkernels: class_weight and "
-                              "return_stats are not implemented in the CUDA kernels yet; use backend='torch'");
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_fwd_entry(cuda_row_kernel, hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
@@ -566,8 +701,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_cuda(
     const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
-  TORCH_CHECK_NOT_IMPLEMENTED(!class_weight.has_value() && !grad_lse.has_value(), "tiedkernels: class_weight and "
-                              "grad_lse are not implemented in the CUDA kernels yet; use backend='torch'");
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_bwd_entry(cuda_row_kernel, grad_loss, hidden, weight, bias, labels, lse, ignore_index,
@@ -583,8 +716,6 @@ at::Tensor lce_stats_cuda(const at::Tensor& hidden, const at::Tensor& weight, co
                           const c10::optional<at::Tensor>& class_weight) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
-  TORCH_CHECK_NOT_IMPLEMENTED(!class_weight.has_value(), "tiedkernels: class_weight is not implemented in the CUDA "
-                              "kernels yet; use backend='torch'");
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_stats_entry(cuda_row_kernel, hidden, weight, bias, labels, ignore_index, softcap, logit_scale,
