@@ -346,13 +346,17 @@ def _patched_forward(self, *args, **kwargs):
     prev = out_mod.__dict__.get("lazy", False)
     out_mod.__dict__["lazy"] = True
     calls = []
-    hook = out_mod.register_forward_pre_hook(lambda *_: calls.append(1))
+    # Dynamo cannot trace registering a hook (a graph break under fullgraph): the check that the
+    # output layer was called runs in eager mode only.
+    compiling = torch.compiler.is_compiling()
+    hook = None if compiling else out_mod.register_forward_pre_hook(lambda *_: calls.append(1))
     try:
         output = type(self).forward(self, *args, **kwargs)
     finally:
         out_mod.__dict__["lazy"] = prev
-        hook.remove()
-    if not calls:
+        if hook is not None:
+            hook.remove()
+    if not calls and not compiling:
         _warn_unfused(self)
     return _strip_lazy(output)
 
