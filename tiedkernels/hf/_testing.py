@@ -334,6 +334,7 @@ def zoo_check(model_type, class_name, task, *, tie=None, generate=True, save=Tru
     try:
         try:
             stock = build_zoo(model_type, class_name, tie=tie)
+            model = copy.deepcopy(stock)  # before any forward: some models keep non-leaf tensors (Mega)
             b = zoo_batch(stock, task)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -343,7 +344,6 @@ def zoo_check(model_type, class_name, task, *, tie=None, generate=True, save=Tru
         except Exception as e:  # noqa: BLE001 - the builder's limit, reported by name
             res.status, res.reason = "unbuilt", f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
             return res
-        model = copy.deepcopy(stock)
         before = _fingerprint(model)
         try:
             _patch.patch(model)
