@@ -15,6 +15,7 @@ loss written out) under the same transform, with random tangents and incoming gr
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 
@@ -475,3 +476,52 @@ def test_gpu_kernel_cases_under_the_interpreter():
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, tail
     assert " passed" in tail and "skipped" not in tail.split("passed")[-1], tail
+
+
+# The vocabulary-parallel loss has the ordinary backward only: every other mode is a clear error
+# naming the mode (never PyTorch's internal setup_context / out= messages, never a silent zero).
+def _vp_modes():
+    from tiedkernels.distributed import vocab_parallel_linear_cross_entropy as vp
+
+    gen = torch.Generator().manual_seed(7)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=gen)
+    w = torch.randn(10, 4, dtype=torch.float64, generator=gen)
+    y = torch.randint(0, 10, (6,), generator=gen)
+
+    def create_graph():
+        hh = h.clone().requires_grad_()
+        torch.autograd.grad(vp(hh, w, y), hh, create_graph=True)
+
+    def forward_ad():
+        import torch.autograd.forward_ad as fwad
+
+        with fwad.dual_level():
+            vp(fwad.make_dual(h, torch.randn_like(h)), w, y)
+
+    return {
+        "create_graph=True": create_graph,
+        "forward-mode AD": forward_ad,
+        "torch.func": lambda: torch.func.grad(lambda a: vp(a, w, y))(h),
+        "vmap": lambda: torch.func.vmap(lambda a: vp(a, w, y))(h[None]),
+    }
+
+
+@pytest.mark.parametrize("mode", ["create_graph=True", "forward-mode AD", "torch.func", "vmap"])
+def test_vocab_parallel_refuses_other_modes_by_name(mode):
+    expected = "torch.func" if mode == "vmap" else mode
+    with pytest.raises(NotImplementedError, match="vocabulary-parallel loss has the ordinary backward only.*"
+                       + re.escape(expected)):
+        _vp_modes()[mode]()
+
+
+def test_vocab_parallel_ordinary_backward_still_works():
+    from tiedkernels.distributed import vocab_parallel_linear_cross_entropy as vp
+
+    gen = torch.Generator().manual_seed(8)
+    h = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(10, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = torch.randint(0, 10, (6,), generator=gen)
+    got = torch.autograd.grad(vp(h, w, y), (h, w))
+    want = torch.autograd.grad(F.cross_entropy(h @ w.T, y), (h, w))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)

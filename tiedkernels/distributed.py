@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _tie, backends
+from . import _composite, _tie, backends
 from . import functional as tkf
 from .module import TiedEmbeddingHead, TiedOutputEmbedding
 
@@ -317,6 +317,10 @@ class _Config:
     __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size", "class_weight")
 
 
+_UNSUPPORTED_MODE = ("tiedkernels: the vocabulary-parallel loss has the ordinary backward only; {mode} is not "
+                     "supported there (the single-device linear_cross_entropy supports it)")
+
+
 class _VocabParallelLCE(torch.autograd.Function):
     """Per-token loss ``[N]`` (0 at ignored tokens) and the global logsumexp ``[N]``."""
 
@@ -377,6 +381,8 @@ class _VocabParallelLCE(torch.autograd.Function):
         want = (need[0], need[1], need[2] and ctx.has_bias)
         if g_tok is None or not any(want):
             return None, None, None, None, None
+        if torch.is_grad_enabled():
+            raise NotImplementedError(_UNSUPPORTED_MODE.format(mode="create_graph=True (a double backward)"))
         cfg = ctx.cfg
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         (ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk) = cfg.opts
@@ -422,6 +428,9 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
             bias = bias.to_local()
     if _is_dtensor(hidden):
         hidden = hidden.to_local()
+    mode = _composite.mode(hidden, weight_shard, bias)
+    if mode is not None:
+        raise NotImplementedError(_UNSUPPORTED_MODE.format(mode=mode))
     group = _as_group(process_group)
     p = _world(group)
     tkf.check_weight(weight_shard, "weight_shard")
