@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as _fwad
 
+from ._torch_backend import _transform  # softcap((z) * scale): the same elementwise steps
+
 
 def _functorch_level():
     try:
@@ -107,14 +109,6 @@ def embedding_grad(grad, ids, num_weights, padding_idx):
 
 # ---------------------------------------------------------------------------------------
 # logits
-
-
-def _transform(z, logit_scale, softcap):
-    if logit_scale != 1.0:
-        z = z * logit_scale
-    if softcap > 0:
-        z = torch.tanh(z / softcap) * softcap
-    return z
 
 
 def logits(hidden, weight, bias, logit_scale, softcap):
