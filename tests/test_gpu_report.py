@@ -50,12 +50,17 @@ def test_table_covers_every_kernel_on_both_archs_without_spills(table):
         for r in rows:
             assert r["registers"] > 0, r
             assert r["spill_bytes"] == 0 and r["spill_load_bytes"] == 0, f"{r['kernel']} spills on {arch}: {r}"
-            assert r["stack_bytes"] == 0 and r["local_bytes"] == 0, f"{r['kernel']} uses local memory: {r}"
+            # No spills anywhere. The return_stats variant of the row kernel keeps a small stack frame
+            # (24 B, 40 B in fp64: its argmax/entropy block reduction), ptxas counting no spill in it.
+            small_frame = r["kernel"] == "row_kernel" and r["config"].split(", ")[2] == "true"
+            limit = 64 if small_frame else 0
+            assert r["stack_bytes"] <= limit and r["local_bytes"] == 0, f"{r['kernel']} uses local memory: {r}"
             assert r["shared_bytes"] <= 48 * 1024, r
     # every templated kernel is there for each dtype it is dispatched with
     row = {r["config"] for r in table["kernels"] if r["kernel"] == "row_kernel" and r["arch"] == "sm_90"}
-    assert row == {"fp32, fp32, 512 threads", "fp64, fp64, 512 threads", "bf16, fp32, 512 threads",
-                   "fp16, fp32, 512 threads"}
+    # (each with and without return_stats)
+    assert row == {f"{t}, {stats}, 512 threads" for t in ("fp32, fp32", "fp64, fp64", "bf16, fp32", "fp16, fp32")
+                   for stats in ("true", "false")}
 
 
 def test_threads_per_kernel_match_the_source():
@@ -71,7 +76,7 @@ def test_threads_per_kernel_match_the_source():
     assert re.search(r"const int threads = 256;\s+const int64_t blocks = \(n \+ threads - 1\) / threads;\s+"
                      r"find_bad_kernel<<<blocks, threads", src)
     assert "bad_record_kernel<<<1, 1," in src
-    assert re.search(r"row_kernel<scalar_t, acc_t><<<rows, kRowThreads", src)
+    assert re.search(r"row_kernel<scalar_t, acc_t(, (true|false))?><<<rows, kRowThreads", src)
     with open(os.path.join(ROOT, "csrc", "lce_driver.cpp")) as f:
         driver = f.read()
     assert f"kDwTileBytes = {G.DW_TILE_BYTES >> 20}LL << 20" in driver
