@@ -164,7 +164,7 @@ def _real(x, name):
 
 def _logit_scale_value(logit_scale):
     scale = _real(logit_scale, "logit_scale")
-    if not math.isfinite(scale):
+    if not torch.compiler.is_compiling() and not math.isfinite(scale):  # traced values: checked eagerly
         raise TiedKernelsError(f"tiedkernels: logit_scale must be finite, got {logit_scale}")
     return scale
 
@@ -232,7 +232,7 @@ def check_loss_options(hidden, labels, *, reduction, label_smoothing, z_loss, nu
     if not 0.0 <= _real(label_smoothing, "label_smoothing") <= 1.0:
         raise TiedKernelsError(f"tiedkernels: label_smoothing must be in [0, 1], got {label_smoothing}")
     z = _real(z_loss, "z_loss")
-    if not (math.isfinite(z) and z >= 0):
+    if not torch.compiler.is_compiling() and not (math.isfinite(z) and z >= 0):
         raise TiedKernelsError(f"tiedkernels: z_loss must be finite and >= 0, got {z_loss}")
     if num_items_in_batch is not None and reduction == "none":
         raise TiedKernelsError("tiedkernels: num_items_in_batch divides a summed loss; it has no meaning with "
@@ -264,7 +264,7 @@ def check_num_items(num_items_in_batch, device):
     if isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"tiedkernels: num_items_in_batch must be a number or a 1-element tensor, got "
                         f"{type(n).__name__}")
-    if not (math.isfinite(n) and n > 0):
+    if not torch.compiler.is_compiling() and not (math.isfinite(n) and n > 0):
         raise TiedKernelsError(f"tiedkernels: num_items_in_batch must be a positive finite count, got {n}")
 
 
