@@ -284,3 +284,47 @@ def test_deepcopy_of_a_patched_model_is_patched_on_its_own_weights():
     tkhf.unpatch(twin)
     assert tkhf.is_patched(model) and not tkhf.is_patched(twin)
     assert twin.get_input_embeddings().weight is w
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert", "bart"])
+def test_loss_runs_inside_the_output_layers_call_and_survives_output_functions(arch):
+    """What ZeRO-3 needs (tests/test_hf_deepspeed.py runs the real thing): the fused loss is taken inside
+    a call of the output layer, so hooks around that module's forward see it, with the layer's parameters
+    in place; and a module output handed through an identity autograd Function (DeepSpeed does that to
+    every output) stays fused, with the stock value and gradients."""
+
+    class Identity(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x.detach()
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    stock, model = pair(arch)
+    b = batch(arch, stock)
+    ref = stock(**b)
+    ref.loss.backward()
+    head = model.get_output_embeddings()
+    seen = []
+    pre = head.register_forward_pre_hook(lambda m, args, kw: seen.append(sorted(kw)), with_kwargs=True)
+    post = head.register_forward_hook(lambda m, args, out: Identity.apply(out))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # never the materializing fallback
+            out = model(**b)
+    finally:
+        pre.remove()
+        post.remove()
+    assert seen == [[], ["_lazy_loss"]], seen  # the logits call, then the loss call
+    out.loss.backward()
+    torch.testing.assert_close(out.loss.double(), ref.loss.double(), **tol(arch))
+    grads = dict(stock.named_parameters())
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, grads[name].grad, **tol(arch), msg=name)

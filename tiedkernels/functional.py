@@ -41,8 +41,23 @@ def check_device(t, name, weight, weight_name="weight"):
                                f"move {name} to {weight.device}")
 
 
+def _zero3_partition(weight):
+    """The full shape of a DeepSpeed ZeRO-3 parameter that is partitioned (not gathered) now, else None."""
+    full = getattr(weight, "ds_shape", None)
+    status = getattr(weight, "ds_status", None)
+    if full is None or status is None or getattr(status, "name", "") != "NOT_AVAILABLE":
+        return None
+    return tuple(full)
+
+
 def check_weight(weight, name="weight"):
     _require_tensor(weight, name)
+    full = _zero3_partition(weight)
+    if full is not None:
+        raise TiedKernelsError(
+            f"tiedkernels: {name} is a DeepSpeed ZeRO-3 partition (full shape {full}, here {tuple(weight.shape)}) "
+            "that is not gathered: call the loss or logits inside the forward of the module that owns the "
+            "parameter (tiedkernels.hf.patch does), or under deepspeed.zero.GatheredParameters")
     if weight.dim() != 2:
         kdim = (" (PyTorch's K-dimensional form, a weight [C, d1, ..., dK, D], is not supported: flatten the "
                 "class dimensions into V)") if weight.dim() > 2 else ""

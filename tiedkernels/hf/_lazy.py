@@ -101,10 +101,12 @@ class LazyLogits(torch.Tensor):
                 t = t.to(val)
         return t
 
-    def _canonical(self):
+    def _canonical(self, values=True):
         """(bias, logit_scale, softcap) with ``softcap(scale * (h W^T + bias))`` equal to the recorded
-        steps, or None when the steps do not have that form."""
-        bias = self._out.bias
+        steps, or None when the steps do not have that form.  ``values=False`` checks the form only,
+        reading no parameter (under ZeRO-3 the output layer's parameters are partitions outside its
+        forward)."""
+        bias = self._out.bias if values else None
         scale = 1.0
         cap = None
         state = "affine"
@@ -116,7 +118,7 @@ class LazyLogits(torch.Tensor):
                     scale *= val
                 elif kind == "div":
                     scale /= val
-                elif kind == "add":
+                elif kind == "add" and values:
                     add = val.reshape(-1).to(self._out.weight.dtype)
                     add = add if scale == 1.0 else add / scale
                     bias = add if bias is None else bias + add
@@ -134,15 +136,22 @@ class LazyLogits(torch.Tensor):
 
     def _cross_entropy(self, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
                        reduction="mean", label_smoothing=0.0):
-        canon = self._canonical()
-        if (canon is None or weight is not None or size_average is not None or reduce is not None
-                or self.dim() != 2 or target.dim() != 1 or target.shape[0] != self.shape[0]
+        if (self._canonical(values=False) is None or weight is not None or size_average is not None
+                or reduce is not None or self.dim() != 2 or target.dim() != 1 or target.shape[0] != self.shape[0]
                 or target.dtype not in (torch.int64, torch.int32)):
             return None
-        bias, scale, cap = canon
-        head = self._out.head
-        loss = head.loss(self._hidden, target.to(self._hidden.device), bias=bias, logit_scale=scale, softcap=cap,
-                         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+        if isinstance(self, TracedLazyLogits):
+            return self.fused_loss(target, opts)
+        # Through the output layer's own call: whatever gathers its parameters around a module's
+        # forward and backward (DeepSpeed ZeRO-3's hooks) sees the loss read them.
+        return self._out(self._hidden, _lazy_loss=(self, target, opts))
+
+    def fused_loss(self, target, opts):
+        """The fused loss of these logits (``_cross_entropy`` has checked the form)."""
+        bias, scale, cap = self._canonical()
+        loss = self._out.head.loss(self._hidden, target.to(self._hidden.device), bias=bias, logit_scale=scale,
+                                   softcap=cap, **opts)
         if self.dtype in (torch.float32, torch.float64) and loss.dtype != self.dtype:
             loss = loss.to(self.dtype)  # the dtype the stock loss has (e.g. ``logits.float()``)
         return loss
@@ -242,6 +251,11 @@ def _try_lazy(func, args, kwargs):
         return NotImplemented if res is None else res
     if _is(func, _IDENT) and not rest and not kwargs:
         return x._with(real=real) if traced else x
+    if func == _T.view_as and len(rest) == 1 and not kwargs and isinstance(rest[0], torch.Tensor) \
+            and tuple(rest[0].shape) == tuple(x.shape):
+        # What autograd does to a custom Function's output that is its input (DeepSpeed ZeRO-3 hands
+        # every module output through one): a new object, same logits.
+        return x._with(real=real)
     if _is(func, _CAST):
         dtype = _cast_dtype(func, x, rest, kwargs)
         if dtype is None:

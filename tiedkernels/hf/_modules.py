@@ -51,7 +51,12 @@ class HFTiedOutput(TiedOutputEmbedding):
     def real_forward(self, hidden):
         return super().forward(hidden)
 
-    def forward(self, hidden, **opts):
+    def forward(self, hidden, _lazy_loss=None, **opts):
+        if _lazy_loss is not None:
+            # The fused loss of LazyLogits this layer returned, computed inside this layer's call
+            # (module hooks that gather the parameters, DeepSpeed ZeRO-3's, see it; see _lazy.py).
+            lazy, target, loss_opts = _lazy_loss
+            return lazy.fused_loss(target, loss_opts)
         # Eager: storage-less placeholder logits; under torch.compile, the real logits recorded the
         # same way, which the compiler drops once the fused loss is taken (see _lazy.py).
         if self.__dict__.get("lazy") and not opts \
