@@ -25,8 +25,9 @@ class Rows(torch.utils.data.Dataset):
 def make_args(out, batch=PER_RANK, **kw):
     from transformers import TrainingArguments
 
+    kw.setdefault("use_cpu", True)
     return TrainingArguments(output_dir=out, per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=0.5,
-                             optim="sgd", logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no",
+                             optim="sgd", logging_steps=1, report_to=[], seed=0, save_strategy="no",
                              dataloader_num_workers=0, **kw)
 
 

@@ -540,6 +540,76 @@ def check_hf_fsdp2(rank, group):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def check_hf_fsdp1(rank, group):
+    """The same under FSDP1 (``FullyShardedDataParallel``, one unit per decoder layer by transformers'
+    auto-wrap policy, the embedding and lm_head in the root unit), with ``use_orig_params`` off and on:
+    loss, every gradient and every parameter after one step equal one process's, the fused path taken,
+    and the full state dict holds the tied weight under both names, loadable into a stock model."""
+    import copy
+    import functools
+
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    except ImportError as e:
+        return f"SKIP: transformers is not installed ({e})"
+    import tiedkernels.hf as tkhf
+
+    torch.manual_seed(67)
+    cfg = LlamaConfig(vocab_size=V * 3, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                      tie_word_embeddings=True)
+    base = tkhf.patch(LlamaForCausalLM(cfg).double())
+    ids = torch.randint(0, cfg.vocab_size, (4, 6))
+    mine = slice(2 * rank, 2 * rank + 2)
+    policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
+    for use_orig in (False, True):
+        what = f"HF FSDP1 (use_orig_params={use_orig})"
+        single = copy.deepcopy(base)
+        ref_loss = single(input_ids=ids, labels=ids).loss
+        ref_loss.backward()
+        ref_grads = {k: p.grad.clone() for k, p in single.named_parameters()}
+        torch.optim.SGD(single.parameters(), lr=0.5).step()
+
+        model = copy.deepcopy(base)
+        assert tkhf.is_patched(model) and model.lm_head.weight is model.model.embed_tokens.weight
+        fm = FSDP(model, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=use_orig,
+                  process_group=group)
+        opt = torch.optim.SGD(fm.parameters(), lr=0.5)
+        out = fm(input_ids=ids[mine], labels=ids[mine])
+        assert out.logits is None, f"{what}: the patched model did not take the fused loss path"
+        out.loss.backward()
+        both = out.loss.detach().clone()
+        dist.all_reduce(both, group=group)
+        _close(both / WORLD, ref_loss.detach(), f"{what}: loss")
+        if use_orig:  # FSDP1 gathers gradients only for its original parameters
+            with FSDP.summon_full_params(fm, with_grads=True):
+                for k, p in model.named_parameters():
+                    _close(p.grad, ref_grads[_orig_name(k)], f"{what}: grad {k}")
+        opt.step()
+        cfg_sd = FullStateDictConfig(offload_to_cpu=False, rank0_only=False)
+        with FSDP.state_dict_type(fm, StateDictType.FULL_STATE_DICT, cfg_sd):
+            sd = fm.state_dict()
+        ref_sd = single.state_dict()
+        for k, t in ref_sd.items():
+            _close(sd[k], t, f"{what}: {k} after one step")
+        stock = LlamaForCausalLM(cfg).double()
+        stock.load_state_dict(sd)
+        assert stock.lm_head.weight is stock.model.embed_tokens.weight
+        with torch.no_grad():
+            _close(stock(input_ids=ids).logits, single(input_ids=ids).logits,
+                   f"{what}: its full state dict in a stock model")
+
+
+def _orig_name(k):
+    """A parameter name inside FSDP1's wrappers, as the unwrapped model names it."""
+    return k.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
 def check_bf16_and_empty(rank, group):
     """bf16: the vocabulary-parallel loss and gradients are as close to the fp64 truth as the
     single-device bf16 op is (dh is summed across ranks in fp32). N == 0: loss 0, empty dh."""
@@ -684,6 +754,7 @@ CHECKS = [
     check_pipeline_tie,
     check_errors,
     check_hf_fsdp2,
+    check_hf_fsdp1,
 ]
 
 
