@@ -38,14 +38,16 @@ def dataset():
     return datasets.Dataset.from_dict({"input_ids": rows})
 
 
-def run(model, out):
+def run(model, out, peft_config=None):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, max_steps=6, learning_rate=5e-2,
                      logging_steps=1, report_to=[], use_cpu=True, seed=0, save_strategy="no",
                      dataloader_num_workers=0, bf16=False)
-    tr = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer())
+    tr = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer(),
+                    peft_config=peft_config)
     tr.train()
+    run.trainer = tr
     return [{k: h[k] for k in ("loss", "mean_token_accuracy", "entropy")} for h in tr.state.log_history if "loss" in h]
 
 
@@ -60,3 +62,30 @@ def test_sft_trainer_logs_what_stock_logs(tmp_path):
     assert max(h["mean_token_accuracy"] for h in ref) > 0
     assert tkhf.is_patched(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_sft_trainer_with_lora_logs_what_stock_logs(tmp_path):
+    """SFTTrainer with a PEFT LoRA config (attention projections): same logged loss, accuracy and entropy
+    as the stock model under the same config; the base model stays patched and tied under the adapter,
+    and only the adapter trained."""
+    peft = pytest.importorskip("peft")
+
+    def lora():
+        return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                               task_type="CAUSAL_LM")
+
+    ref = run(build("llama", vocab=VOCAB, dtype=torch.float32).train(), tmp_path / "stock", lora())
+    base = tkhf.patch(build("llama", vocab=VOCAB, dtype=torch.float32).train())
+    w0 = base.model.embed_tokens.weight.detach().clone()
+    got = run(base, tmp_path / "patched", lora())
+    trained = run.trainer.model
+    assert len(got) == len(ref) == 6
+    for key in ("loss", "mean_token_accuracy", "entropy"):
+        torch.testing.assert_close(torch.tensor([h[key] for h in got]), torch.tensor([h[key] for h in ref]),
+                                   atol=1e-5, rtol=1e-5, msg=key)
+    assert ref[-1]["loss"] < ref[0]["loss"]
+    inner = trained.get_base_model()
+    assert tkhf.is_patched(inner)
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight
+    torch.testing.assert_close(inner.model.embed_tokens.weight.detach(), w0, atol=0, rtol=0)  # frozen
+    assert any("lora_" in n for n, p in trained.named_parameters() if p.requires_grad)
