@@ -236,7 +236,12 @@ def _patch(model, *, backend, fused_loss, return_logits, force_tie):
         for c in _text_configs(config):
             if hasattr(c, "tie_word_embeddings") or c is config:
                 c.tie_word_embeddings = True
-    inp = model.get_input_embeddings()
+    try:
+        inp = model.get_input_embeddings()
+    except NotImplementedError:
+        raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__} has no input embeddings "
+                         "(get_input_embeddings is not implemented: its inputs are not token ids), so there is "
+                         "nothing to tie") from None
     out = model.get_output_embeddings()
     if out is None:
         raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__} has no output embeddings to tie "
