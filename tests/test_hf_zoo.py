@@ -78,7 +78,7 @@ REFUSED = {
     # I-BERT's QuantEmbedding is not an nn.Embedding (it quantizes its weight); tied on transformers v4
     "ibert": "QuantEmbedding",
 }
-# The failures of issue 11, run in every `make test`.
+# The model types that failed before, run in every `make test`.
 NAMED = ("ctrl", "t5gemma2", "glmasr", "granite_speech", "granite_speech_plus", "moss_transcribe_diarize",
          "mobilebert", "prophetnet", "kosmos-2", "ovis2", "csm", "udop", "moshi")
 SAMPLE = 6  # further (type, class) pairs in the core run, picked by a hash of their names
