@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import _trl
 from ._lazy import LazyLogits
 from ._modules import HFTiedEmbedding, HFTiedOutput
 
@@ -201,11 +202,18 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     """
     snap = _Snapshot(model)
     try:
-        return _patch(model, backend=backend, fused_loss=fused_loss, return_logits=return_logits,
-                      force_tie=force_tie)
+        _patch(model, backend=backend, fused_loss=fused_loss, return_logits=return_logits, force_tie=force_tie)
     except BaseException:
         snap.restore()
         raise
+    _trl.register(model)  # TRL's fused LM head (if TRL is imported) computed by this op too
+    return model
+
+
+def fuses_loss(model):
+    """True when ``model`` is patched with ``fused_loss`` on."""
+    st = model.__dict__.get(_STATE)
+    return st is not None and st.fused_loss
 
 
 def _patch(model, *, backend, fused_loss, return_logits, force_tie):
