@@ -49,6 +49,12 @@ def test_pyproject_declares_what_the_readme_and_info_say():
     meta = _pyproject()
     proj = meta["project"]
     assert proj["name"] == "tiedkernels"
+    # the license named is the one shipped (wheel: .dist-info/licenses/LICENSE; sdist: MANIFEST.in)
+    assert proj["license"] == "BSD-3-Clause" and proj["license-files"] == ["LICENSE"]
+    with open(os.path.join(ROOT, "LICENSE")) as f:
+        assert f.readline().strip() == "BSD 3-Clause License"
+    with open(os.path.join(ROOT, "MANIFEST.in")) as f:
+        assert "LICENSE" in f.read().split()
     assert set(proj["dynamic"]) == {"version", "optional-dependencies"}
     assert meta["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "tiedkernels.__version__"}
     # The lower ends that pip enforces are the tested range's lower ends.
@@ -272,12 +278,13 @@ def test_wheel_and_sdist_build_and_check(ws):
     assert {"tiedkernels/" + p for p in csrc} <= names, sorted(names)
     assert {"tiedkernels/data/hf_corpus.txt", "tiedkernels/data/demo_corpus.txt"} <= names
     assert not [n for n in names if n.endswith((".so", ".o", ".pyc"))], names
+    assert [n for n in names if n.endswith(".dist-info/licenses/LICENSE")], sorted(names)
     assert "Requires-Dist: torch>=2.11" in meta and "Requires-Python: >=3.11" in meta, meta
     for extra in EXTRAS:
         assert f"Provides-Extra: {extra}" in meta, meta
     with tarfile.open(sdists[0]) as t:
         snames = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-    assert {"pyproject.toml", "setup.py", "README.md", "csrc/ops.cpp"} | {f"requirements/{f}" for f in EXTRAS.values()} \
+    assert {"pyproject.toml", "setup.py", "README.md", "LICENSE", "csrc/ops.cpp"} | {f"requirements/{f}" for f in EXTRAS.values()} \
         <= snames, sorted(snames)
     assert not [n for n in snames if n.endswith((".so", ".o", ".pyc"))], snames
 
