@@ -489,6 +489,22 @@ def check_pipeline_tie(rank, group):
         _close(p.grad, r, "pipeline: clipped stage gradient")
 
 
+def _patched_tiny_llama(seed):
+    """(a patched tiny fp64 Llama, a [4, 6] batch of ids), or "SKIP: ..." without transformers."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError as e:
+        return f"SKIP: transformers is not installed ({e})"
+    import tiedkernels.hf as tkhf
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=V * 3, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                      tie_word_embeddings=True)
+    model = tkhf.patch(LlamaForCausalLM(cfg).double())
+    return model, torch.randint(0, cfg.vocab_size, (4, 6))
+
+
 def check_hf_fsdp2(rank, group):
     """A patched tiny Hugging Face causal LM trains one step under FSDP2 (each decoder layer its own
     group; the embedding and lm_head, one Parameter, in the root group) with the single-process
@@ -497,18 +513,12 @@ def check_hf_fsdp2(rank, group):
 
     from torch.distributed.fsdp import fully_shard
 
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-    except ImportError as e:
-        return f"SKIP: transformers is not installed ({e})"
+    built = _patched_tiny_llama(61)
+    if isinstance(built, str):
+        return built
+    model, ids = built
     import tiedkernels.hf as tkhf
 
-    torch.manual_seed(61)
-    cfg = LlamaConfig(vocab_size=V * 3, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                      tie_word_embeddings=True)
-    model = tkhf.patch(LlamaForCausalLM(cfg).double())
-    ids = torch.randint(0, cfg.vocab_size, (4, 6))
     single = copy.deepcopy(tkhf.patch(model))
     assert single.lm_head.weight is single.model.embed_tokens.weight
     opt_ref = torch.optim.SGD(single.parameters(), lr=0.5)
@@ -552,19 +562,15 @@ def check_hf_fsdp1(rank, group):
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
-    try:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-    except ImportError as e:
-        return f"SKIP: transformers is not installed ({e})"
+    built = _patched_tiny_llama(67)
+    if isinstance(built, str):
+        return built
+    base, ids = built
     import tiedkernels.hf as tkhf
+    from transformers import LlamaForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    torch.manual_seed(67)
-    cfg = LlamaConfig(vocab_size=V * 3, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                      tie_word_embeddings=True)
-    base = tkhf.patch(LlamaForCausalLM(cfg).double())
-    ids = torch.randint(0, cfg.vocab_size, (4, 6))
+    cfg = base.config
     mine = slice(2 * rank, 2 * rank + 2)
     policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls={LlamaDecoderLayer})
     for use_orig in (False, True):
