@@ -19,7 +19,8 @@ namespace {
 at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // Rows of the vocabulary per tile when a low-precision chunk's dW contribution is
-// rounded once to the input dtype and added into the fp32 accumulator (non-CPU devices).
+// rounded once to the input dtype and added into the fp32 accumulator (devices other than
+// the CPU and CUDA, which have no GEMM with an fp32 output from low-precision inputs here).
 constexpr int64_t kDwTileBytes = 8LL << 20;
 
 // acc (fp32) = or += the bf16 values in t, in one pass: ATen's mixed-dtype add_ on the CPU
@@ -263,6 +264,14 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
       } else if (whole_dw) {
         at::mm_out(dw_part, z.t(), hc);
         if (dw_acc.defined()) accumulate_f32(dw_acc, dw_part, first);
+      } else if (h.is_cuda()) {
+        // cuBLAS: this chunk's dzᵀ h accumulated by the GEMM itself into the fp32 dW (fp32
+        // output from low-precision inputs): no rounding of the chunk's contribution, no tiles.
+        if (first) {
+          at::mm_out(dw_acc, z.t(), hc, sdt);
+        } else {
+          at::addmm_out(dw_acc, dw_acc, z.t(), hc, sdt);
+        }
       } else {
         if (first) dw_acc.zero_();
         // One rounding of this chunk's contribution, then fp32 accumulation across chunks,

@@ -11,8 +11,8 @@ build of torch is needed:
   ``make cuda-check`` regenerates from its build (``ptxas -v`` and ``cuobjdump`` of the built
   extension; ``python -m tiedkernels.gpu_report cuda-table``), with the hash of the sources it
   was built from; the ``cuda`` launch plan is modelled here from ``csrc/lce_driver.cpp`` (the
-  chunk rule of ``functional.chunk_rows``, the per-chunk GEMMs, the fp32 ``dW`` accumulation in
-  vocabulary tiles) and ``csrc/cuda/kernels.cu``;
+  chunk rule of ``functional.chunk_rows``, the per-chunk GEMMs, the fp32 ``dW`` accumulated by
+  cuBLAS itself) and ``csrc/cuda/kernels.cu``;
 * the ``triton`` side comes from ``tiedkernels.triton.plan`` (``compile_report(arch)`` compiles
   each shipped launch configuration ahead of time; ``launches(n, d, v, dtype, sms)`` is the
   backend's own launch plan).
@@ -70,8 +70,6 @@ CUDA_THREADS = {
     "transform_bwd_kernel": 256,
     "row_kernel": 512,  # kRowThreads
 }
-# lce_driver.cpp: rows of the vocabulary per tile of the low-precision dW accumulation.
-DW_TILE_BYTES = 8 << 20
 CUBLAS_TILE = (128, 256)
 ELEMENTWISE_PER_PROGRAM = 512
 
@@ -351,7 +349,6 @@ def cuda_launches(n, d, v, dtype="bf16", sms=H100_SMS):
     L.append(_launch("find_bad_kernel", cdiv(n, CUDA_THREADS["find_bad_kernel"]), 0, 8 * n))
     L.append(_launch("bad_record_kernel", 1, 0, 8 + 8 + 24))
     chunk = _chunk_rows(n, d, e)
-    tile = max(1, DW_TILE_BYTES // max(1, d * e))
     for start in range(0, n, chunk):
         c = min(chunk, n - start)
         L.append(_gemm("cublas: z = h_c·Wᵀ", c, v, d, c * d * e, v * d * e, c * v * e))
@@ -359,20 +356,14 @@ def cuda_launches(n, d, v, dtype="bf16", sms=H100_SMS):
         # labels, lse and loss per row
         L.append(_launch("row_kernel", c, 0, 3 * c * v * e + c * (8 + 4 + 4) + 4))
         L.append(_gemm("cublas: dh_c = dz·W", c, d, v, c * v * e, v * d * e, c * d * e))
-        if not low:
-            if start == 0:
-                L.append(_gemm("cublas: dW = dzᵀ·h_c", v, d, c, c * v * e, c * d * e, v * d * 4))
-            else:  # addmm_: dW read and written
-                L.append(_gemm("cublas: dW += dzᵀ·h_c", v, d, c, c * v * e, c * d * e, 2 * v * d * 4))
-            continue
+        # dW in fp32 (fp32 inputs; low precision: cuBLAS's fp32 output from bf16/fp16 inputs, so
+        # the chunk's contribution is never rounded): the first chunk writes it, the others
+        # accumulate in the GEMM (addmm: dW read and written)
+        out = "" if not low else " (fp32 out)"
         if start == 0:
-            L.append(_elementwise("aten: zero_ fp32 dW", v * d, v * d * 4))
-        for v0 in range(0, v, tile):
-            vt = min(tile, v - v0)
-            # at::mm(z[:, v0:v0+vt].t(), h_c): a fresh [vt, D] tile in the input dtype, then
-            # fp32 dW[v0:v0+vt] += tile (read fp32, read the tile, write fp32)
-            L.append(_gemm("cublas: dW tile = dz_tileᵀ·h_c", vt, d, c, c * vt * e, c * d * e, vt * d * e))
-            L.append(_elementwise("aten: fp32 dW tile += tile", vt * d, vt * d * (4 + e + 4)))
+            L.append(_gemm("cublas: dW = dzᵀ·h_c" + out, v, d, c, c * v * e, c * d * e, v * d * 4))
+        else:
+            L.append(_gemm("cublas: dW += dzᵀ·h_c" + out, v, d, c, c * v * e, c * d * e, 2 * v * d * 4))
     L.append(_elementwise("aten: loss = sum(loss_vec)", n, 4 * n + 4))
     L.append(_elementwise("aten: loss *= 1/denominator", 1, 12))
     if low:
