@@ -158,7 +158,8 @@ def test_stand_in_matches_trls_function_and_refuses_entropy_gradients():
     try:
         for args in ((h, w, None, y, 0.7, 32, 3.0, 1.0, outs),  # temperature after a softcap
                      (h, w, None, y, 1.0, 32, None, 1.0, ("log_probs", "mean_logits")),
-                     (h, w.detach().clone(), None, y, 1.0, 32, None, 1.0, outs)):  # not a patched weight
+                     (h, w.detach().clone(), None, y, 1.0, 32, None, 1.0, outs),  # not a patched weight
+                     (h.float(), w, None, y, 1.0, 32, None, 1.0, outs)):  # mixed dtypes (cast_lm_head_to_fp32)
             stand_in.apply(*args)
     finally:
         tkf.linear_cross_entropy = real

@@ -76,7 +76,9 @@ class TiedLogProbFunction:
         args = (hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
         temperature = float(temperature)
         if (_owner(weight) is None or not set(outputs) <= _ANSWERED or temperature <= 0
-                or (final_logit_softcapping is not None and temperature != 1.0)):
+                or (final_logit_softcapping is not None and temperature != 1.0)
+                # TRL casts mixed dtypes to one compute dtype (cast_lm_head_to_fp32); this op takes one dtype
+                or hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
             return self.trl_function.apply(*args)
         from .. import functional as tkf
 
