@@ -25,7 +25,8 @@ $(LOW_STAMP): requirements/test.txt
 	test -x $(LOW_BIN)/python || $(LOW_PYTHON) -m venv $(VENV_LOW)
 	$(LOW_BIN)/python -m pip install --upgrade "pip>=23" ninja
 	@echo "lowend: torch $(LOW_TORCH_VERSION) and Triton $(LOW_TRITON_VERSION) (about 3.5 GB on a cold pip cache)"
-	$(LOW_BIN)/python -m pip install "torch==$(LOW_TORCH_VERSION)" "triton==$(LOW_TRITON_VERSION)" -r requirements/test.txt
+	$(LOW_BIN)/python -m pip install "torch==$(LOW_TORCH_VERSION)" "triton==$(LOW_TRITON_VERSION)" -r requirements/test.txt \
+	  "numpy<2.4"  # Triton 3.6's interpreter calls int() on 1-element arrays, an error from NumPy 2.4 on
 	$(LOW_BIN)/python -c "import site, sys; open(site.getsitepackages()[0] + '/tiedkernels-checkout.pth', 'w').write(sys.argv[1] + '\\n')" "$(CURDIR)"
 	touch $@
 

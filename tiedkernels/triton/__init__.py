@@ -2,9 +2,9 @@
 
 Importing this package costs nothing: Triton itself and the kernels are imported the first
 time the backend is asked whether it can run (``backends.resolve``) or for one of its ops.
-The ops are ``torch.ops.tiedkernels.triton_<name>``, defined with
-``torch.library.triton_op`` (kernels launched through ``wrap_triton``), so ``torch.compile``
-traces into them; fake kernels and autograd come from ``tiedkernels.ops.register_prefix``.
+The ops are ``torch.ops.tiedkernels.triton_<name>``, defined with ``torch.library.triton_op``
+(kernels launched through ``wrap_triton``, see ``_common.launcher``), so ``torch.compile`` traces
+into them; fake kernels and autograd come from ``tiedkernels.ops.register_prefix``.
 
 Where it runs: tensors on a CUDA device, or CPU tensors when ``TRITON_INTERPRET=1`` was set
 before the kernels were first loaded (the Triton interpreter, used by the tests).

@@ -6,6 +6,16 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+
+
+def launcher(kernel):
+    """``wrap_triton(kernel)``, which ``torch.compile`` traces into; an interpreted kernel
+    (``TRITON_INTERPRET=1``) cannot be traced into and is launched as it is (what ``wrap_triton`` hands
+    back for it on torch 2.13 and later; torch 2.11 refuses it instead)."""
+    if type(kernel).__name__ == "InterpretedFunction":
+        return kernel
+    return wrap_triton(kernel)
 
 
 def stat_dtype(dtype):

@@ -36,9 +36,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import check_indices, interpreted, softcap_args, stat_dtype, tanh
+from ._common import check_indices, interpreted, launcher, softcap_args, stat_dtype, tanh
 
 # The row kernels' launch rules (also read by plan.py).
 PROGRAMS_PER_SM = 4  # wanted programs per SM for the row kernels (at least 2 fill it)
@@ -395,14 +395,14 @@ class _Args:
         pidx = self._pidx if stats else labels
         cw, csum = self.cw_args()
         if self.valid > 0:
-            wrap_triton(_stats_kernel)[(rows, nsp)](
+            launcher(_stats_kernel)[(rows, nsp)](
                 z, self.bias_arg(), cw, labels, part, pidx, rows, self.v, self.valid, span, z.stride(0),
                 self.ignore_index, self.vocab_start, self.vt, self.scale, self.cap, self.inv_cap, **self.common_flags,
                 stats=int(stats), BLOCK_V=self.block_v, num_warps=self.warps, num_stages=1)
         else:
             nsp = 0
         dummy = part
-        wrap_triton(_finish_kernel)[(triton.cdiv(rows, FINISH_ROWS),)](
+        launcher(_finish_kernel)[(triton.cdiv(rows, FINISH_ROWS),)](
             part, pidx, labels, cw, csum, lse_out if lse_out is not None else dummy,
             loss_out if loss_out is not None else dummy, shard_out if shard_out is not None else dummy,
             pred if stats else labels, ent if stats else dummy, rows, nsp, self.valid, self.ignore_index,
@@ -415,7 +415,7 @@ class _Args:
         rows = z.shape[0]
         nsp, span = splits(rows, self.v, self.block_v, self.sms)
         cw, csum = self.cw_args()
-        wrap_triton(_grad_kernel)[(rows, nsp)](
+        launcher(_grad_kernel)[(rows, nsp)](
             z, dz, self.bias_arg(), cw, csum, labels, lse, g, gl if gl is not None else lse, self.v, self.valid,
             span, z.stride(0), dz.stride(0), g.stride(0) if g.dim() == 1 else 0, self.ignore_index,
             self.vocab_start, self.vt, self.eps, self.z_loss, 1.0 / self.vt, self.scale, self.cap, self.inv_cap,

@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
-from ._common import check_indices, tl_acc
+from ._common import check_indices, launcher, tl_acc
 
 BT = 16  # tokens per program (gather, atomic scatter)
 BD = 128  # columns per program
@@ -88,14 +88,14 @@ def _scatter_into(out, grad, ids, padding_idx, bad=None):
     pad = -1 if padding_idx is None else int(padding_idx)
     grid = (t, triton.cdiv(d, BD))
     if out.dtype == torch.float32 and not torch.are_deterministic_algorithms_enabled():
-        wrap_triton(_scatter_atomic_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
+        launcher(_scatter_atomic_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
             flat.contiguous(), g, out, bad if bad is not None else flat, t, d, v, pad, g.stride(0), out.stride(0),
             out.stride(1), has_bad=int(bad is not None), BT=BT, BD=BD, num_warps=NUM_WARPS)
         return
     sorted_ids, perm = torch.sort(flat, stable=True)
     run_start = torch.searchsorted(sorted_ids, sorted_ids, right=False)
     run_end = torch.searchsorted(sorted_ids, sorted_ids, right=True)
-    wrap_triton(_scatter_sorted_kernel)[grid](
+    launcher(_scatter_sorted_kernel)[grid](
         sorted_ids, perm, run_start, run_end, g, out, bad if bad is not None else flat, t, d, v, pad, g.stride(0),
         out.stride(0), out.stride(1), has_bad=int(bad is not None), ACC=tl_acc(out.dtype), BD=BD, num_warps=NUM_WARPS)
 
@@ -108,7 +108,7 @@ def embedding_fwd(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional
     t = flat.numel()
     out = weight.new_empty((t, d))
     if t > 0 and d > 0:
-        wrap_triton(_gather_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
+        launcher(_gather_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
             weight, flat, out, t, d, v, weight.stride(0), weight.stride(1), BT=BT, BD=BD, num_warps=NUM_WARPS)
     pending.finish()
     return out.view(*ids.shape, d)
