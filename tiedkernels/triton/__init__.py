@@ -23,11 +23,21 @@ def _interpret_env():
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def _triton_missing():
+def _find_triton_missing():
     try:
         return importlib.util.find_spec("triton") is None
     except (ImportError, ValueError):
         return True
+
+
+# Looked up once, at import (a path search; Triton is not imported): ``why_not`` runs inside
+# ``torch.compile``'s trace when a compiled function picks the backend, and Dynamo before torch 2.13
+# cannot trace ``find_spec`` (a graph break, an error under ``fullgraph=True``).
+_MISSING = _find_triton_missing()
+
+
+def _triton_missing():
+    return _MISSING
 
 
 def _interpreted(kernel):

@@ -33,7 +33,12 @@ def _gather_kernel(W, IDS, OUT, T, D, V, stride_wv, stride_wd, BT: tl.constexpr,
     safe = tl.where(bad, 0, ids)
     m2 = tmask[:, None] & dmask[None, :]
     vals = tl.load(W + safe[:, None] * stride_wv + dd[None, :].to(tl.int64) * stride_wd, mask=m2, other=0.0)
-    vals = tl.where(bad[:, None], float("nan"), vals)
+    # NaN rows for bad ids (reported after the launch); for bf16 placed in fp32 (an exact round trip):
+    # the Triton 3.6 interpreter has no bf16 constants
+    if vals.dtype == tl.bfloat16:
+        vals = tl.where(bad[:, None], float("nan"), vals.to(tl.float32)).to(tl.bfloat16)
+    else:
+        vals = tl.where(bad[:, None], float("nan"), vals)
     tl.store(OUT + t[:, None].to(tl.int64) * D + dd[None, :], vals, mask=m2)
 
 
