@@ -75,14 +75,15 @@ class TiedLogProbFunction:
               logit_scale=1.0, outputs=("log_probs",)):
         args = (hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale, outputs)
         temperature = float(temperature)
-        if (_owner(weight) is None or not set(outputs) <= _ANSWERED or temperature <= 0
+        owner = _owner(weight)
+        if (owner is None or not set(outputs) <= _ANSWERED or temperature <= 0
                 or (final_logit_softcapping is not None and temperature != 1.0)
                 # TRL casts mixed dtypes to one compute dtype (cast_lm_head_to_fp32); this op takes one dtype
                 or hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype)):
             return self.trl_function.apply(*args)
         from .. import functional as tkf
 
-        head = _owner(weight).get_input_embeddings()
+        head = owner.get_input_embeddings()
         stats = tkf.linear_cross_entropy(
             hidden, weight, targets, bias=bias, reduction="none", return_stats=True, ignore_index=-100,
             logit_scale=float(logit_scale) / temperature, softcap=final_logit_softcapping,
