@@ -1,8 +1,10 @@
 #include "lce_driver.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 
@@ -18,9 +20,9 @@ namespace {
 
 at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Rows of the vocabulary per tile when a low-precision chunk's dW contribution is
-// rounded once to the input dtype and added into the fp32 accumulator (devices other than
-// the CPU and CUDA, which have no GEMM with an fp32 output from low-precision inputs here).
+// Bytes per tile when a low-precision chunk's dW contribution is rounded once to the input
+// dtype and added into the fp32 accumulator (devices other than the CPU and CUDA, which have
+// no GEMM with an fp32 output from low-precision inputs here), and of cpu_mm's fp32 tiles.
 constexpr int64_t kDwTileBytes = 8LL << 20;
 
 // acc (fp32) = or += the bf16 values in t, in one pass: ATen's mixed-dtype add_ on the CPU
@@ -70,6 +72,91 @@ void accumulate_f32(const at::Tensor& acc, const at::Tensor& part, bool overwrit
 }
 
 }  // namespace
+
+bool cpu_lowp_gemm_is_slow(at::ScalarType t) {
+  // ATen's CPU GEMM in bf16/fp16 is native only where the CPU has those instructions; elsewhere it
+  // is a scalar fallback (measured on an AVX2 CPU: 500 times slower than MKL's fp32 GEMM on the
+  // [N, V] x [V, D] layout of dh, 6 to 30 times on the others).
+  static const std::array<bool, 2> slow = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    auto has = [&](const char* k) {
+      const auto it = caps.find(k);
+      return it != caps.end() && it->second.isBool() && it->second.toBool();
+    };
+    return std::array<bool, 2>{!(has("avx512_bf16") || has("amx_bf16")), !(has("avx512_fp16") || has("amx_fp16"))};
+  }();
+  return t == at::kBFloat16 ? slow[0] : t == at::kHalf ? slow[1] : false;
+}
+
+void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
+            const c10::optional<at::Tensor>& bias) {
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  const bool c32 = c.scalar_type() == at::kFloat;
+  TORCH_CHECK(!accumulate || c32, "tiedkernels: cpu_mm accumulates into fp32 only");
+  if (!c32 && !cpu_lowp_gemm_is_slow(a.scalar_type())) {  // the CPU's own low-precision GEMM
+    at::Tensor out = c;
+    if (bias.has_value()) {
+      at::addmm_out(out, *bias, a, b);
+    } else {
+      at::mm_out(out, a, b);
+    }
+    return;
+  }
+  if (m == 0 || n == 0) return;
+  const auto f = at::kFloat;
+  const auto bias32 = bias.has_value() ? bias->to(f) : at::Tensor();
+  // Products of bf16/fp16 values are exact in fp32 and the sums are fp32: a low-precision GEMM
+  // with fp32 accumulation, rounded once into c. The largest of m, n, k is walked in tiles of
+  // about kDwTileBytes of fp32, so the big operand (the weight) is never converted whole.
+  if (k == 0) {
+    if (!accumulate) {
+      if (bias32.defined()) {
+        c.copy_(bias32.expand({m, n}));
+      } else {
+        c.zero_();
+      }
+    }
+    return;
+  }
+  auto store = [&](at::Tensor out, const at::Tensor& x32, const at::Tensor& y32, const at::Tensor& b32) {
+    if (c32 && accumulate) {
+      out.addmm_(x32, y32);
+    } else if (c32 && !b32.defined()) {
+      at::mm_out(out, x32, y32);
+    } else {
+      out.copy_(b32.defined() ? at::addmm(b32, x32, y32) : at::mm(x32, y32));
+    }
+  };
+  if (m >= n && m >= k) {
+    const auto b32 = b.to(f);
+    const int64_t t = std::max<int64_t>(1, kDwTileBytes / (k * 4));
+    for (int64_t i = 0; i < m; i += t) {
+      const int64_t r = std::min(t, m - i);
+      store(c.narrow(0, i, r), a.narrow(0, i, r).to(f), b32, bias32);
+    }
+  } else if (n >= k) {
+    const auto a32 = a.to(f);
+    const int64_t t = std::max<int64_t>(1, kDwTileBytes / (k * 4));
+    for (int64_t j = 0; j < n; j += t) {
+      const int64_t r = std::min(t, n - j);
+      store(c.narrow(1, j, r), a32, b.narrow(1, j, r).to(f), bias32.defined() ? bias32.narrow(0, j, r) : at::Tensor());
+    }
+  } else {
+    at::Tensor acc = c32 ? c : at::empty({m, n}, c.options().dtype(f));
+    const int64_t t = std::max<int64_t>(1, kDwTileBytes / (std::max(m, n) * 4));
+    for (int64_t l = 0; l < k; l += t) {
+      const int64_t r = std::min(t, k - l);
+      const auto x32 = a.narrow(1, l, r).to(f), y32 = b.narrow(0, l, r).to(f);
+      if (l == 0 && !accumulate) {
+        at::mm_out(acc, x32, y32);
+      } else {
+        acc.addmm_(x32, y32);
+      }
+    }
+    if (bias32.defined()) acc.add_(bias32);
+    if (!c32) c.copy_(acc);
+  }
+}
 
 void check_loss_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                      const at::Tensor& labels, int64_t chunk_size) {
@@ -174,12 +261,17 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   const bool low_precision = dtype != sdt;
   const int64_t chunk = std::max<int64_t>(1, std::min(chunk_size, n));
   const int64_t chunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
-  // CPU, low precision: each chunk's dzᵀ h in one GEMM into a [V, D] buffer of the input dtype, which
-  // also receives the result at the end (so it adds nothing to the peak), then one pass into fp32;
-  // with a single chunk that GEMM is dW itself. Elsewhere the first chunk writes dW (no zero fill).
-  const bool whole_dw = want_dw && low_precision && h.is_cpu() && chunks > 0;
-  at::Tensor dw_part = whole_dw ? at::empty({v, d}, w.options()) : at::Tensor();
-  at::Tensor dw_acc = !want_dw || (whole_dw && chunks == 1) ? at::Tensor()
+  // CPU, low precision, where the CPU has no native GEMM for it: every GEMM through fp32 tiles
+  // (cpu_mm); dW straight into the output with a single chunk, else into an fp32 accumulator.
+  const bool f32_gemm = low_precision && h.is_cpu() && cpu_lowp_gemm_is_slow(dtype);
+  const bool direct_dw = want_dw && f32_gemm && chunks == 1;
+  // CPU, low precision, native GEMM: each chunk's dzᵀ h in one GEMM into a [V, D] buffer of the
+  // input dtype, which also receives the result at the end (so it adds nothing to the peak), then
+  // one pass into fp32; with a single chunk that GEMM is dW itself. Elsewhere the first chunk
+  // writes dW (no zero fill).
+  const bool whole_dw = want_dw && low_precision && h.is_cpu() && chunks > 0 && !f32_gemm;
+  at::Tensor dw_part = whole_dw || direct_dw ? at::empty({v, d}, w.options()) : at::Tensor();
+  at::Tensor dw_acc = !want_dw || ((whole_dw || direct_dw) && chunks == 1) ? at::Tensor()
                       : chunks == 0 ? at::zeros({v, d}, w.options().dtype(sdt))
                                     : at::empty({v, d}, w.options().dtype(sdt));
   at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
@@ -193,8 +285,6 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   at::Tensor zbuf = (!exact_logits || grads) ? at::empty({n == 0 ? 0 : chunk, v}, h.options()) : at::Tensor();
   at::Tensor z32buf = exact_logits ? at::empty({n == 0 ? 0 : chunk, v}, sopt) : at::Tensor();
   const auto bias32 = exact_logits && bias.has_value() ? bias->to(sdt) : at::Tensor();
-  // CPU: ATen has no low-precision GEMM into fp32 there; the weight goes through fp32 in tiles.
-  const int64_t w_tile = std::max<int64_t>(1, kDwTileBytes / std::max<int64_t>(1, d * 4));
   for (const auto& t : {zbuf, z32buf, r.dh, dw_part, dw_acc}) advise_huge_pages(t);
   const auto wt = w.t();
   for (int64_t start = 0; start < n; start += chunk) {
@@ -208,18 +298,10 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
         at::mm_out(zf, hc, wt, sdt);  // cuBLAS: fp32 accumulation and output
         if (bias32.defined()) zf.add_(bias32);
       } else {
-        const auto hc32 = hc.to(sdt);
-        for (int64_t v0 = 0; v0 < v; v0 += w_tile) {
-          const int64_t vt = std::min(w_tile, v - v0);
-          auto out = zf.narrow(1, v0, vt);
-          const auto w32 = w.narrow(0, v0, vt).to(sdt);
-          if (bias32.defined()) {
-            at::addmm_out(out, bias32.narrow(0, v0, vt), hc32, w32.t());
-          } else {
-            at::mm_out(out, hc32, w32.t());
-          }
-        }
+        cpu_mm(zf, hc, wt, /*accumulate=*/false, bias);  // fp32 tiles of the weight
       }
+    } else if (f32_gemm) {
+      cpu_mm(z, hc, wt);  // no bias here: a low-precision bias takes the exact path above
     } else if (bias.has_value()) {
       at::addmm_out(z, *bias, hc, wt);
     } else {
@@ -251,7 +333,11 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
     if (exact_logits) z.copy_(zf);  // dL/dz, rounded once
     if (want_dh) {
       auto dhc = r.dh.narrow(0, start, rows);
-      at::mm_out(dhc, z, w);
+      if (f32_gemm) {
+        cpu_mm(dhc, z, w);
+      } else {
+        at::mm_out(dhc, z, w);
+      }
     }
     if (want_dw) {
       const bool first = start == 0;
@@ -260,6 +346,12 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
           at::mm_out(dw_acc, z.t(), hc);
         } else {
           dw_acc.addmm_(z.t(), hc);
+        }
+      } else if (f32_gemm) {
+        if (direct_dw) {
+          cpu_mm(dw_part, z.t(), hc);
+        } else {
+          cpu_mm(dw_acc, z.t(), hc, /*accumulate=*/!first);
         }
       } else if (whole_dw) {
         at::mm_out(dw_part, z.t(), hc);
@@ -290,7 +382,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   }
   if (whole_dw && dw_acc.defined()) dw_part.copy_(dw_acc);  // one rounding of the fp32 sum
   r.dw = !want_dw ? at::empty({0}, w.options())
-         : whole_dw ? dw_part
+         : whole_dw || direct_dw ? dw_part
          : (low_precision ? dw_acc.to(dtype) : dw_acc);
   r.db = want_db ? (low_precision ? db_acc.to(dtype) : db_acc) : at::empty({0}, w.options());
   return r;

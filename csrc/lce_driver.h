@@ -65,6 +65,16 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
                        const LossOptions& opt, int64_t chunk_size, bool compute_dh, bool compute_dw,
                        bool compute_db, RowKernel row_kernel, const LossExtras& extras = LossExtras());
 
+// True where ATen's CPU GEMM for this low-precision dtype has no native instructions to run on
+// (bf16 without AVX512-BF16/AMX, fp16 without AVX512-FP16/AMX): a scalar fallback there.
+bool cpu_lowp_gemm_is_slow(at::ScalarType t);
+
+// CPU GEMM c = a @ b (+ bias, a [n] row added before the one rounding), or c += a @ b when
+// accumulate (c fp32). Low-precision operands go through fp32 in tiles where the CPU has no
+// native GEMM for them (same values as a GEMM with fp32 accumulation); otherwise ATen's own.
+void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
+            const c10::optional<at::Tensor>& bias = c10::nullopt);
+
 // Argument checks shared by every device (the user-facing messages live in Python;
 // these guard direct calls of the ops).
 void check_loss_args(const at::Tensor& hidden, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,

@@ -4,6 +4,8 @@ Always importable; the fallback when the extension is not built, and the templat
 other backends are checked against (besides the unchunked reference).
 """
 
+import functools
+
 import torch
 
 from ._schemas import SCHEMAS
@@ -28,6 +30,50 @@ def check_index_range(x, n, what, ignore_index=None):
         val = int(x.reshape(-1)[pos])
         extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
         raise IndexError(f"tiedkernels: {what} {val} at position {pos} is outside [0, V) for V={n}{extra}")
+
+
+@functools.cache
+def _cpu_gemm_is_slow(dtype):
+    """ATen's CPU GEMM in bf16/fp16 runs on the CPU's own instructions only where it has them
+    (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX for fp16); elsewhere a scalar fallback, up to
+    hundreds of times slower than fp32 (csrc/lce_driver.cpp: cpu_mm)."""
+    get = getattr(getattr(torch._C, "_cpu", None), "_get_cpu_capability", None)
+    caps = get() if get is not None else {}
+    keys = ("avx512_bf16", "amx_bf16") if dtype == torch.bfloat16 else ("avx512_fp16", "amx_fp16")
+    return not any(caps.get(k) is True for k in keys)
+
+
+_TILE_BYTES = 8 << 20
+
+
+def _mm(a, b, bias=None):
+    """a @ b (+ bias) in a's dtype.  Low-precision CPU operands without a native GEMM go through
+    fp32 in tiles of the largest dimension (exact products, fp32 sums, one rounding: the values of
+    a GEMM with fp32 accumulation); the other operand is converted once."""
+    if a.device.type != "cpu" or a.dtype not in (torch.bfloat16, torch.float16) or not _cpu_gemm_is_slow(a.dtype):
+        return torch.addmm(bias, a, b) if bias is not None else a @ b
+    (m, k), n, f = a.shape, b.shape[1], torch.float32
+    b32 = bias.to(f) if bias is not None else None
+    if min(m, n, k) == 0:
+        out = a.new_zeros((m, n))
+        return out + bias if bias is not None else out
+    out = a.new_empty((m, n))
+    if m >= n and m >= k:
+        bf, t = b.to(f), max(1, _TILE_BYTES // (4 * k))
+        for i in range(0, m, t):
+            x = a[i : i + t].to(f) @ bf
+            out[i : i + t] = x + b32 if b32 is not None else x
+    elif n >= k:
+        af, t = a.to(f), max(1, _TILE_BYTES // (4 * k))
+        for j in range(0, n, t):
+            x = af @ b[:, j : j + t].to(f)
+            out[:, j : j + t] = x + b32[j : j + t] if b32 is not None else x
+    else:
+        acc, t = torch.zeros((m, n), dtype=f), max(1, _TILE_BYTES // (4 * max(m, n)))
+        for i in range(0, k, t):
+            acc.addmm_(a[:, i : i + t].to(f), b[i : i + t].to(f))
+        out.copy_(acc + b32 if b32 is not None else acc)
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +125,7 @@ def _transform(z, logit_scale, softcap):
 
 
 def logits_fwd(hidden, weight, bias, logit_scale, softcap):
-    z = torch.nn.functional.linear(hidden, weight, bias)
+    z = _mm(hidden.reshape(-1, hidden.shape[-1]), weight.t(), bias).view(*hidden.shape[:-1], weight.shape[0])
     if logit_scale == 1.0 and softcap <= 0:
         return z
     return _transform(z.to(_stat_dtype(z.dtype)), logit_scale, softcap).to(z.dtype)
@@ -96,8 +142,8 @@ def logits_bwd(grad, logits, hidden, weight, bias, logit_scale, softcap, compute
         dz = dzf.to(grad.dtype)
     h2 = hidden.reshape(-1, d)
     empty_h, empty_w = hidden.new_empty((0,)), weight.new_empty((0,))
-    dh = (dz @ weight).view(hidden.shape) if compute_dh else empty_h
-    dw = dz.t() @ h2 if compute_dw else empty_w
+    dh = _mm(dz, weight).view(hidden.shape) if compute_dh else empty_h
+    dw = _mm(dz.t(), h2) if compute_dw else empty_w
     db = dz.sum(0, dtype=_stat_dtype(dz.dtype)).to(dz.dtype) if (compute_db and bias is not None) else empty_w
     return dh, dw, db
 
@@ -173,7 +219,7 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         if exact:
             z = torch.nn.functional.linear(hc.to(sdt), w32, b32)
         else:
-            z = torch.nn.functional.linear(hc, weight, bias)
+            z = _mm(hc, weight.t(), bias)
         f = _transform(z.to(sdt), logit_scale, softcap)
         if valid < v:
             f[:, valid:] = float("-inf")
@@ -236,7 +282,7 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
             dz[:, valid:] = 0
         dz = dz.to(hidden.dtype)
         if want_dh:
-            dh[start : start + rows] = dz @ weight
+            dh[start : start + rows] = _mm(dz, weight)
         if want_dw:
             dw.addmm_(dz.t().to(sdt), hc.to(sdt))
         if want_db:

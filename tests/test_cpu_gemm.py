@@ -1,0 +1,120 @@
+"""The low-precision GEMMs of the cpu and torch backends on a CPU without bf16/fp16 instructions.
+
+There ATen's bf16 GEMM is scalar code (dz @ W of a [512, 32768] x [32768, 2048] chunk: 325 s on a
+2-core AVX2 machine, against 0.6 s through fp32), so both backends take each GEMM through fp32
+tiles of the weight (csrc/lce_driver.cpp: cpu_mm; tiedkernels/_torch_backend.py: _mm).  Products
+of bf16/fp16 values are exact in fp32, so the tiles give the fp32 GEMM of the upcast operands,
+rounded once: checked here against that, entry by entry, with shapes that make every tiling
+(along the rows, the columns, the reduction) take several tiles.
+"""
+
+import pytest
+import torch
+
+import tiedkernels as tk
+from tiedkernels import _torch_backend as TB
+
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _rounded_f32(a, b, bias=None):
+    out = a.float() @ b.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+def _check_once_rounded(got, a, b, bias=None):
+    """got equals the fp32 GEMM rounded once to got's dtype; where fp32's order of summation moves the
+    value across a rounding boundary, by one unit in the last place at most."""
+    exact = _rounded_f32(a, b, bias)
+    want = exact.to(got.dtype)
+    assert got.dtype == a.dtype and got.shape == want.shape
+    if want.numel() == 0:
+        return
+    diff = (got.float() - want.float()).abs()
+    # one ulp of the result, plus what another order of fp32 summation can move it by
+    order = 2 * a.shape[1] * torch.finfo(torch.float32).eps * (a.float().abs() @ b.float().abs())
+    bound = want.float().abs() * torch.finfo(got.dtype).eps * 1.01 + order
+    assert bool((diff <= bound).all()), f"off by {float((diff / bound).max())} of the bound"
+    assert float((diff > 0).float().mean()) < 0.01, "more than 1% of the entries differ from the fp32 GEMM"
+
+
+@pytest.fixture(params=LOW, ids=["bf16", "fp16"])
+def low(request):
+    return request.param
+
+
+def _inputs(n, v, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=gen).to(dtype)
+    w = (torch.randn(v, d, generator=gen) * 0.1).to(dtype)
+    b = torch.randn(v, generator=gen).to(dtype)
+    g = torch.randn(n, v, generator=gen).to(dtype)
+    return h, w, b, g
+
+
+# Tiles hold 8 MiB of fp32: with D=512 that is 4096 vocabulary rows, so V=10007 takes three tiles
+# along the columns (logits) and the reduction (dh); with 1024 tokens, dW (rows = V) takes five.
+SHAPES = [(1024, 10007, 512), (3, 10007, 512), (20000, 123, 64), (5, 7, 9000), (0, 123, 64)]
+
+
+@pytest.mark.parametrize("n,v,d", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bias):
+    h, w, b, g = _inputs(n, v, d, low)
+    bias = b if with_bias else None
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    br = bias.clone().requires_grad_() if with_bias else None
+    z = tk.logits(hr, wr, bias=br, backend=backend)
+    _check_once_rounded(z.detach(), h, w.t(), bias)
+    grads = torch.autograd.grad(z, [hr, wr] + ([br] if with_bias else []), g)
+    _check_once_rounded(grads[0], g, w)
+    _check_once_rounded(grads[1], g.t(), h)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 256], ids=["one-chunk", "chunks"])
+def test_fused_loss_gemms_match_the_fp32_path(backend, low, chunk_size):
+    """The fused loss's dh and dW on the tiled path against the same algorithm in fp32 arithmetic
+    on the upcast operands (dL/dz rounded once to the input dtype, as the driver does): the fp64
+    reference checks of the rest of the suite bound the error; this pins the GEMMs themselves."""
+    n, v, d = 1024, 10007, 512
+    h, w, _, _ = _inputs(n, v, d, low, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[::7] = -100
+    hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+    loss = tk.linear_cross_entropy(hr, wr, labels, reduction="sum", chunk_size=chunk_size, backend=backend)
+    dh, dw = torch.autograd.grad(loss, [hr, wr])
+    # dL/dz from the bf16 logits of the same GEMM, in fp32, rounded once as the driver rounds it
+    z = _rounded_f32(h, w.t()).to(low).float()
+    p = torch.softmax(z, 1)
+    keep = labels != -100
+    p[keep, labels[keep]] -= 1
+    p[~keep] = 0
+    dz = p.to(low)
+    dh_want = _rounded_f32(dz, w).to(low)
+    dw_want = _rounded_f32(dz.t(), h).to(low)
+    # the driver's dL/dz comes from its own row kernel (its exp and sums differ from softmax's in
+    # the last fp32 bits), so a few dz entries differ by one ulp: compare as GEMMs of such inputs
+    for got, want, scale in ((dh, dh_want, dz.float().abs() @ w.float().abs()),
+                             (dw, dw_want, dz.float().abs().t() @ h.float().abs())):
+        err = (got.float() - want.float()).abs()
+        bound = 2 * torch.finfo(low).eps * (want.float().abs() + scale)
+        assert bool((err <= bound).all()), f"max error {float((err / bound).max())} of the bound"
+
+
+def test_slow_gemm_detection_agrees_with_the_extension():
+    """Both backends take the same path: torch's view of the CPU decides for _torch_backend, ATen's
+    cpuinfo for the extension, and they read the same flags."""
+    caps = torch._C._cpu._get_cpu_capability()
+    for dtype, keys in ((torch.bfloat16, ("avx512_bf16", "amx_bf16")), (torch.float16, ("avx512_fp16", "amx_fp16"))):
+        assert TB._cpu_gemm_is_slow(dtype) == (not any(caps.get(k) is True for k in keys))
+
+
+@pytest.mark.parametrize("m,k,n", [(0, 5, 7), (5, 0, 7), (5, 7, 0)])
+def test_empty_dimensions(low, m, k, n):
+    a, b = torch.randn(m, k).to(low), torch.randn(k, n).to(low)
+    bias = torch.randn(n).to(low)
+    assert torch.equal(TB._mm(a, b), (a.float() @ b.float()).to(low))
+    assert torch.equal(TB._mm(a, b, bias), (a.float() @ b.float() + bias.float()).to(low))
