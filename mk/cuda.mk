@@ -41,34 +41,43 @@ $(CUDA_TORCH_STAMP):
 	$(CUDA_BIN)/python -c "import torch; assert torch.version.cuda, 'not a CUDA build of torch'; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 	touch $@
 
-cuda-check: $(CUDA_TORCH_STAMP)
-	rm -rf $(CUDA_BUILD_DIR)
-	mkdir -p $(CUDA_BUILD_DIR)
-	cp -r setup.py csrc tiedkernels $(CUDA_BUILD_DIR)/
-	find $(CUDA_BUILD_DIR) \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
-	@echo "cuda-check: compiling csrc/cuda for $(CUDA_ARCHS) (about 90 s per architecture on two cores)"
-	cd $(CUDA_BUILD_DIR) && start=$$(date +%s) && \
-	  if TIEDKERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$${MAX_JOBS:-2} \
+# $(call cuda_compile_check,VENV_BIN,ARCHS,BUILD_DIR,TABLE): build a copy of the sources with the CUDA
+# kernels for ARCHS (e.g. 8.0;9.0) with that venv's torch, installed into BUILD_DIR/site (not into the
+# venv, which other targets may use with the checkout); fail on a missing architecture or a spill, write
+# the resource table to TABLE (none if empty), then check what the built package reports.
+define cuda_compile_check
+	rm -rf $(3)
+	mkdir -p $(3)
+	cp -r setup.py csrc tiedkernels $(3)/
+	find $(3) \( -name '*.so' -o -name '__pycache__' \) -prune -exec rm -rf {} +
+	@echo "cuda-check: compiling csrc/cuda for $(2) with $$($(1)/python -c 'import torch; print("torch", torch.__version__)') (about 90 s per architecture on two cores)"
+	cd $(3) && start=$$(date +%s) && \
+	  if TIEDKERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$(2)" MAX_JOBS=$${MAX_JOBS:-2} \
 	     NVCC_APPEND_FLAGS="$$NVCC_APPEND_FLAGS -Xptxas -v" \
-	     $(CUDA_BIN)/python -m pip install -v --no-build-isolation --no-deps . > build.log 2>&1; \
+	     $(1)/python -m pip install -v --no-build-isolation --no-deps --target site . > build.log 2>&1; \
 	  then echo "cuda-check: compiled in $$(( $$(date +%s) - start )) s"; \
 	  else tail -n 80 build.log; echo "cuda-check: the CUDA sources do not compile"; exit 1; fi
-	grep -q "arch=compute_80,code=sm_80" $(CUDA_BUILD_DIR)/build.log || { echo "cuda-check: no sm_80 code built"; exit 1; }
-	grep -q "arch=compute_90,code=sm_90" $(CUDA_BUILD_DIR)/build.log || { echo "cuda-check: no sm_90 code built"; exit 1; }
+	for a in $(subst ;, ,$(2)); do c=$$(echo $$a | tr -d .); \
+	  grep -q "arch=compute_$${c},code=sm_$${c}" $(3)/build.log || { echo "cuda-check: no sm_$${c} code built"; exit 1; }; done
 	@# Resources of every kernel (ptxas -v in the log; cuobjdump on the built .so): fail on a spill,
 	@# and regenerate the table that `python -m tiedkernels gpu-report` reads (git diff shows a change).
-	if grep -E "[1-9][0-9]* bytes spill (stores|loads)" $(CUDA_BUILD_DIR)/build.log; then \
+	if grep -E "[1-9][0-9]* bytes spill (stores|loads)" $(3)/build.log; then \
 	  echo "cuda-check: ptxas reports register spills (above)"; exit 1; fi
-	cd / && $(CUDA_BIN)/python -m tiedkernels.gpu_report cuda-table --root $(abspath $(CUDA_BUILD_DIR)) \
-	  --ptxas-log $(abspath $(CUDA_BUILD_DIR))/build.log --out $(CURDIR)/$(CUDA_TABLE)
-	cd / && $(CUDA_BIN)/python -W error::RuntimeWarning -c "import tiedkernels, torch; from tiedkernels import _ext; \
-	  info = _ext.build_info(); assert info is not None and info['cuda'], info; print('imported', tiedkernels.__file__)"
-	cd / && $(CUDA_BIN)/python -m tiedkernels info | tee $(abspath $(CUDA_BUILD_DIR))/info.txt
-	grep -q "CUDA kernels yes" $(CUDA_BUILD_DIR)/info.txt || { echo "cuda-check: info does not report the CUDA kernels"; exit 1; }
+	$(if $(4),cd / && PYTHONPATH=$(abspath $(3))/site $(1)/python -m tiedkernels.gpu_report cuda-table --root $(abspath $(3)) \
+	  --ptxas-log $(abspath $(3))/build.log --out $(CURDIR)/$(4))
+	cd / && PYTHONPATH=$(abspath $(3))/site $(1)/python -W error::RuntimeWarning -c "import tiedkernels, torch; from tiedkernels import _ext; \
+	  info = _ext.build_info(); assert info is not None and info['cuda'], info; print('imported', tiedkernels.__file__); \
+	  assert tiedkernels.__file__.startswith('$(abspath $(3))/site/'), tiedkernels.__file__"
+	cd / && PYTHONPATH=$(abspath $(3))/site $(1)/python -m tiedkernels info | tee $(abspath $(3))/info.txt
+	grep -q "CUDA kernels yes" $(3)/info.txt || { echo "cuda-check: info does not report the CUDA kernels"; exit 1; }
 	if [ -e /dev/nvidia0 ]; then echo "cuda-check: a GPU is present; not checking the no-GPU report"; \
-	  else grep -q "GPU: none present" $(CUDA_BUILD_DIR)/info.txt && \
-	       grep -q "cuda    off: no CUDA device is available" $(CUDA_BUILD_DIR)/info.txt || \
+	  else grep -q "GPU: none present" $(3)/info.txt && \
+	       grep -q "cuda    off: no CUDA device is available" $(3)/info.txt || \
 	       { echo "cuda-check: info should say that no GPU is present"; exit 1; }; fi
-	@echo "cuda-check: OK"
+	@echo "cuda-check: OK ($(2))"
+endef
+
+cuda-check: $(CUDA_TORCH_STAMP)
+	$(call cuda_compile_check,$(CUDA_BIN),$(CUDA_ARCHS),$(CUDA_BUILD_DIR),$(CUDA_TABLE))
 
 EXTRA_TESTS += test-triton cuda-check

@@ -18,7 +18,7 @@ LOW_STAMP := $(VENV_LOW)/.tiedkernels-installed
 LOW_CACHE := $(abspath build/jit-low)
 LOW_TESTS := tests/test_ops.py tests/test_errors.py tests/test_tie.py tests/test_backends.py
 
-.PHONY: install-low test-low
+.PHONY: install-low test-low cuda-check-low
 
 $(LOW_STAMP): requirements/test.txt
 	@test -n "$(LOW_PYTHON)" || { echo "lowend: no Python 3.12 found (set LOW_PYTHON=...)"; exit 1; }
@@ -50,4 +50,12 @@ test-low: $(LOW_STAMP)
 	TIEDKERNELS_CACHE=$(LOW_CACHE) $(LOW_BIN)/python -m pytest $(LOW_TESTS) -q -p no:cacheprovider -m "not slow"
 	TIEDKERNELS_CACHE=$(LOW_CACHE) TRITON_INTERPRET=1 $(LOW_BIN)/python -m pytest tests/test_triton.py -q -p no:cacheprovider
 
-EXTRA_TESTS += test-low
+# The CUDA compile check (mk/cuda.mk) against the low end's torch, whose wheel is the CUDA 13.0 build:
+# the kernels must compile against its headers too. One architecture, sm_90 (the GPU this project is
+# lent first): the headers are what differs here, and each architecture costs about 90 s. The build is
+# installed into build/cuda-check-low/site, so test-low's venv keeps testing the checkout.
+cuda-check-low: $(LOW_STAMP)
+	$(LOW_BIN)/python -m pip install -q "setuptools>=77" wheel
+	$(call cuda_compile_check,$(LOW_BIN),9.0,build/cuda-check-low,)
+
+EXTRA_TESTS += test-low cuda-check-low
