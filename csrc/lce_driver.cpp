@@ -93,9 +93,11 @@ void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool 
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const bool c32 = c.scalar_type() == at::kFloat;
   TORCH_CHECK(!accumulate || c32, "tiedkernels: cpu_mm accumulates into fp32 only");
-  if (!c32 && !cpu_lowp_gemm_is_slow(a.scalar_type())) {  // the CPU's own low-precision GEMM
+  if (c.scalar_type() == a.scalar_type() && !cpu_lowp_gemm_is_slow(a.scalar_type())) {  // ATen's own GEMM
     at::Tensor out = c;
-    if (bias.has_value()) {
+    if (accumulate) {
+      out.addmm_(a, b);
+    } else if (bias.has_value()) {
       at::addmm_out(out, *bias, a, b);
     } else {
       at::mm_out(out, a, b);

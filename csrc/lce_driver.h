@@ -71,7 +71,8 @@ bool cpu_lowp_gemm_is_slow(at::ScalarType t);
 
 // CPU GEMM c = a @ b (+ bias, a [n] row added before the one rounding), or c += a @ b when
 // accumulate (c fp32). Low-precision operands go through fp32 in tiles where the CPU has no
-// native GEMM for them (same values as a GEMM with fp32 accumulation); otherwise ATen's own.
+// native GEMM for them, or into an fp32 c (same values as a GEMM with fp32 accumulation);
+// otherwise ATen's own GEMM.
 void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
             const c10::optional<at::Tensor>& bias = c10::nullopt);
 

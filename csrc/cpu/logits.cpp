@@ -15,13 +15,8 @@ at::Tensor logits_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, co
   TORCH_CHECK(weight.dim() == 2 && hidden.size(-1) == weight.size(1), "tiedkernels: hidden ", hidden.sizes(),
               " does not match weight ", weight.sizes());
   auto h2 = hidden.reshape({-1, hidden.size(-1)});
-  at::Tensor z;
-  if (cpu_lowp_gemm_is_slow(hidden.scalar_type())) {
-    z = at::empty({h2.size(0), weight.size(0)}, hidden.options());
-    cpu_mm(z, h2, weight.t(), /*accumulate=*/false, bias);
-  } else {
-    z = bias.has_value() ? at::addmm(*bias, h2, weight.t()) : at::mm(h2, weight.t());
-  }
+  auto z = at::empty({h2.size(0), weight.size(0)}, hidden.options());
+  cpu_mm(z, h2, weight.t(), /*accumulate=*/false, bias);
   if (logit_scale != 1.0 || softcap > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "tiedkernels_logits_fwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -74,7 +69,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_bwd_cpu(const at::Tensor& 
     });
   }
   auto mm = [&](const at::Tensor& a, const at::Tensor& b) {
-    if (!cpu_lowp_gemm_is_slow(a.scalar_type())) return at::mm(a, b);
     auto out = at::empty({a.size(0), b.size(1)}, a.options());
     cpu_mm(out, a, b);
     return out;
