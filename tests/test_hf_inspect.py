@@ -51,19 +51,43 @@ def test_broken_ties_are_reported():
     assert r.bytes_saved == 0 and not r.groups
 
 
-def test_to_empty_untie_and_retie_are_visible():
+def _patched_on_meta():
     stock = build("gpt2")
     with torch.device("meta"):
         model = type(stock)(copy.deepcopy(stock.config))
-    tkhf.patch(model)
+    return tkhf.patch(model)
+
+
+def test_to_empty_untie_and_retie_are_visible():
+    model = _patched_on_meta()
     assert tkhf.inspect_ties(model, verbose=False).ok  # meta tensors are grouped by identity
     model.to_empty(device="cpu")
     with torch.no_grad():
-        model.lm_head.weight.copy_(model.transformer.wte.weight)
+        model.lm_head.weight.copy_(model.transformer.wte.weight)  # whatever to_empty left there
     r = tkhf.inspect_ties(model, verbose=False)
     assert len(r.broken) == 1 and "equal values, separate copies" in r.broken[0][2]
     model.tie_weights()
     assert tkhf.inspect_ties(model, verbose=False).ok
+
+
+@pytest.mark.parametrize("special", ["nan", "inf", "none"])
+def test_separate_copies_are_named_whatever_the_values(special):
+    # to_empty leaves memory uninitialized, so a copy can hold NaN or inf; it is still a copy.
+    model = _patched_on_meta()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        w = model.transformer.wte.weight
+        w.normal_()
+        if special != "none":
+            w[1, 2] = float(special)
+            w[3, 0] = -float(special)
+        model.lm_head.weight.copy_(w)
+    r = tkhf.inspect_ties(model, verbose=False)
+    assert len(r.broken) == 1 and "equal values, separate copies" in r.broken[0][2]
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1
+    r = tkhf.inspect_ties(model, verbose=False)
+    assert len(r.broken) == 1 and r.broken[0][2] == "different tensors"
 
 
 def test_cli_on_saved_patched_model(tmp_path):

@@ -136,6 +136,17 @@ def _declared(model):
     return sorted(set(pairs))
 
 
+def _same_values(a, b):
+    """Whether two tensors of one shape hold the same values, NaN equal to NaN: a copy of memory that
+    ``to_empty`` left uninitialized can hold NaNs and is still a copy."""
+    a, b = a.detach(), b.detach()
+    if a.dtype != b.dtype or a.device != b.device:
+        return False
+    if not (a.is_floating_point() or a.is_complex()):
+        return torch.equal(a, b)
+    return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+
+
 def inspect_ties(model, *, verbose=True):
     """Report the storage shared by ``model``'s parameters and buffers, the ties it declares and
     whether any is broken, and the bytes tying saves. Prints the report when ``verbose``; returns a
@@ -159,7 +170,7 @@ def inspect_ties(model, *, verbose=True):
             a, b = tensors[t], tensors[s]
             if a.shape != b.shape:
                 why += f" of shapes {tuple(a.shape)} and {tuple(b.shape)}"
-            elif a.device.type != "meta" and b.device.type != "meta" and torch.equal(a.detach(), b.detach()):
+            elif a.device.type != "meta" and b.device.type != "meta" and _same_values(a, b):
                 why += " (equal values, separate copies: e.g. cloned or re-created by to_empty)"
             broken.append((t, s, why))
     config = getattr(model, "config", None)
