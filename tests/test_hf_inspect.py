@@ -114,6 +114,20 @@ def test_cli_flags_a_checkpoint_with_two_different_copies(tmp_path):
     assert "stored 2 times" in res.stdout and "different values" in res.stdout
 
 
+def test_cli_two_equal_copies_holding_nan_are_not_called_different(tmp_path):
+    model = build("gpt2")
+    with torch.no_grad():
+        model.transformer.wte.weight[1, 2] = float("nan")
+    model.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd["lm_head.weight"] = model.lm_head.weight.detach().clone()
+    os.remove(tmp_path / "model.safetensors")
+    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    res = run_cli("inspect", str(tmp_path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "stored 2 times" in res.stdout and "different values" not in res.stdout
+
+
 def test_cli_rejects_a_folder_without_a_model(tmp_path):
     res = run_cli("inspect", str(tmp_path))
     assert res.returncode == 2 and "no config.json" in res.stderr

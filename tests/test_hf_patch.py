@@ -328,3 +328,35 @@ def test_loss_runs_inside_the_output_layers_call_and_survives_output_functions(a
     for name, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, grads[name].grad, **tol(arch), msg=name)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "bart"])
+def test_scaled_embedding_holding_nan_is_patched(arch):
+    # Their embeddings override forward, so patch compares the two on a probe of token ids. A weight
+    # that holds NaN (to_empty leaves memory uninitialized) is still reproduced: NaN equals NaN there.
+    stock = build(arch)
+    with torch.no_grad():
+        tied_param(stock)[0, 1] = float("nan")
+        tied_param(stock)[2, 0] = float("inf")
+    model = copy.deepcopy(stock)
+    tkhf.patch(model)
+    ids = torch.tensor([[0, 2, 3]])
+    want, got = stock.get_input_embeddings()(ids), model.get_input_embeddings()(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert torch.isnan(got[0, 0, 1]) and torch.isinf(got[0, 1, 0])
+
+
+def test_embedding_forward_that_differs_is_refused():
+    stock = build("gemma")
+    emb = stock.get_input_embeddings()
+
+    class Shifted(type(emb)):
+        def forward(self, input_ids):
+            return super().forward(input_ids) + 1
+
+    emb.__class__ = Shifted
+    weight = emb.weight
+    with pytest.raises(TypeError, match="Shifted overrides forward with a computation TiedEmbeddingHead does not "
+                                        "reproduce"):
+        tkhf.patch(stock)
+    assert stock.get_input_embeddings() is emb and emb.weight is weight  # left as it was

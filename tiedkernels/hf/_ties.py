@@ -136,12 +136,15 @@ def _declared(model):
     return sorted(set(pairs))
 
 
-def _same_values(a, b):
-    """Whether two tensors of one shape hold the same values, NaN equal to NaN: a copy of memory that
-    ``to_empty`` left uninitialized can hold NaNs and is still a copy."""
+def same_values(a, b):
+    """Whether two tensors of one shape and device hold the same values, NaN equal to NaN: a copy
+    of memory that ``to_empty`` left uninitialized can hold NaNs and is still a copy."""
     a, b = a.detach(), b.detach()
-    if a.dtype != b.dtype or a.device != b.device:
+    if a.shape != b.shape or a.device != b.device:
         return False
+    if a.dtype != b.dtype:  # as torch.equal: compared in the promoted dtype
+        common = torch.promote_types(a.dtype, b.dtype)
+        a, b = a.to(common), b.to(common)
     if not (a.is_floating_point() or a.is_complex()):
         return torch.equal(a, b)
     return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
@@ -170,7 +173,7 @@ def inspect_ties(model, *, verbose=True):
             a, b = tensors[t], tensors[s]
             if a.shape != b.shape:
                 why += f" of shapes {tuple(a.shape)} and {tuple(b.shape)}"
-            elif a.device.type != "meta" and b.device.type != "meta" and _same_values(a, b):
+            elif a.device.type != "meta" and b.device.type != "meta" and same_values(a, b):
                 why += " (equal values, separate copies: e.g. cloned or re-created by to_empty)"
             broken.append((t, s, why))
     config = getattr(model, "config", None)
@@ -255,6 +258,6 @@ def _same_on_disk(names, where, rows=4096):
     n = shapes[0][0] if shapes[0] else 1
     for start in range(0, n, rows):
         parts = [s[start:start + rows] if shapes[0] else s[:] for s in slices]
-        if not all(torch.equal(parts[0], p) for p in parts[1:]):
+        if not all(same_values(parts[0], p) for p in parts[1:]):
             return False
     return True
