@@ -14,6 +14,11 @@ from _cpu_backends import BACKENDS_CPU  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: large shapes (64-bit offsets); seconds to a minute each")
+    if os.environ.get("TIEDKERNELS_TEST_NAN_EMPTY") == "1":
+        # Every torch.empty / at::empty (the kernels' own allocations too) is filled with NaN (integers:
+        # their maximum), so a result that reads memory nobody wrote fails instead of passing by luck.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = True
 
 
 @pytest.fixture(autouse=True)
