@@ -136,18 +136,24 @@ def _declared(model):
     return sorted(set(pairs))
 
 
-def same_values(a, b):
-    """Whether two tensors of one shape and device hold the same values, NaN equal to NaN: a copy
-    of memory that ``to_empty`` left uninitialized can hold NaNs and is still a copy."""
+def same_values(a, b, chunk=1 << 22):
+    """Whether two tensors of one shape and device hold the same values (compared in the promoted
+    dtype, as ``torch.equal``), NaN equal to NaN: a copy of memory that ``to_empty`` left uninitialized
+    can hold NaNs and is still a copy. Temporaries stay within ``chunk`` elements (weights are large)."""
     a, b = a.detach(), b.detach()
     if a.shape != b.shape or a.device != b.device:
         return False
-    if a.dtype != b.dtype:  # as torch.equal: compared in the promoted dtype
-        common = torch.promote_types(a.dtype, b.dtype)
-        a, b = a.to(common), b.to(common)
-    if not (a.is_floating_point() or a.is_complex()):
-        return torch.equal(a, b)
-    return bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+    if torch.equal(a, b):
+        return True
+    common = torch.promote_types(a.dtype, b.dtype)
+    if not (common.is_floating_point or common.is_complex):
+        return False  # no NaN: torch.equal's answer stands
+    a, b = a.reshape(-1), b.reshape(-1)
+    for i in range(0, a.numel(), chunk):
+        x, y = a[i:i + chunk].to(common), b[i:i + chunk].to(common)
+        if not bool(torch.isclose(x, y, rtol=0, atol=0, equal_nan=True).all()):
+            return False
+    return True
 
 
 def inspect_ties(model, *, verbose=True):
