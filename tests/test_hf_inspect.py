@@ -131,3 +131,24 @@ def test_cli_two_equal_copies_holding_nan_are_not_called_different(tmp_path):
 def test_cli_rejects_a_folder_without_a_model(tmp_path):
     res = run_cli("inspect", str(tmp_path))
     assert res.returncode == 2 and "no config.json" in res.stderr
+
+
+@pytest.mark.parametrize("chunk", [7, 100, 1 << 22])
+def test_same_values_nan_equal_in_every_chunk(chunk):
+    from tiedkernels.hf._ties import same_values
+
+    a = torch.randn(50, 13, dtype=torch.float64)
+    a[3, 4] = a[49, 12] = float("nan")
+    a[0, 0] = float("-inf")
+    b = a.clone()
+    assert same_values(a, b, chunk=chunk) and same_values(a.t(), b.t(), chunk=chunk)
+    assert same_values(a.float(), b.float().double(), chunk=chunk)  # promoted, as torch.equal
+    for i, j in [(0, 1), (49, 11), (25, 6)]:  # a difference in the first, last and a middle chunk
+        c = b.clone()
+        c[i, j] += 1
+        assert not same_values(a, c, chunk=chunk)
+    c = b.clone()
+    c[3, 4] = 0.0  # NaN against a number
+    assert not same_values(a, c, chunk=chunk)
+    assert not same_values(a, b[:, :12], chunk=chunk)
+    assert same_values(torch.arange(9), torch.arange(9)) and not same_values(torch.arange(9), torch.arange(1, 10))
