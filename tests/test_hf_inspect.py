@@ -101,13 +101,18 @@ def test_cli_on_saved_patched_model(tmp_path):
     assert f"bytes saved by tying: {3 * v * d * 8:,}" in res.stdout  # float64 checkpoint
 
 
+def _save_with_separate_lm_head(model, folder, lm_head):
+    """Save ``model`` with ``lm_head.weight`` stored as its own tensor, ``lm_head``."""
+    model.save_pretrained(folder)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd["lm_head.weight"] = lm_head
+    os.remove(folder / "model.safetensors")
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def test_cli_flags_a_checkpoint_with_two_different_copies(tmp_path):
     model = build("gpt2")
-    model.save_pretrained(tmp_path)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    sd["lm_head.weight"] = model.lm_head.weight.detach().clone() + 1
-    os.remove(tmp_path / "model.safetensors")
-    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _save_with_separate_lm_head(model, tmp_path, model.lm_head.weight.detach().clone() + 1)
     assert json.loads((tmp_path / "config.json").read_text()).get("tie_word_embeddings", True)
     res = run_cli("inspect", str(tmp_path))
     assert res.returncode == 1
@@ -118,11 +123,7 @@ def test_cli_two_equal_copies_holding_nan_are_not_called_different(tmp_path):
     model = build("gpt2")
     with torch.no_grad():
         model.transformer.wte.weight[1, 2] = float("nan")
-    model.save_pretrained(tmp_path)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    sd["lm_head.weight"] = model.lm_head.weight.detach().clone()
-    os.remove(tmp_path / "model.safetensors")
-    save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    _save_with_separate_lm_head(model, tmp_path, model.lm_head.weight.detach().clone())
     res = run_cli("inspect", str(tmp_path))
     assert res.returncode == 0, res.stdout + res.stderr
     assert "stored 2 times" in res.stdout and "different values" not in res.stdout
