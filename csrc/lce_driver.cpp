@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -73,10 +74,23 @@ void accumulate_f32(const at::Tensor& acc, const at::Tensor& part, bool overwrit
 
 }  // namespace
 
+namespace {
+// Tests only (set_cpu_lowp_gemm_path): -1 the CPU decides, 0 ATen's own GEMM, 1 the fp32 tiles.
+std::atomic<int> lowp_gemm_path{-1};
+}  // namespace
+
+int set_cpu_lowp_gemm_path(int path) {
+  TORCH_CHECK(path >= -1 && path <= 1, "tiedkernels: the low-precision GEMM path is -1, 0 or 1, not ", path);
+  return lowp_gemm_path.exchange(path);
+}
+
 bool cpu_lowp_gemm_is_slow(at::ScalarType t) {
   // ATen's CPU GEMM in bf16/fp16 is native only where the CPU has those instructions; elsewhere it
   // is a scalar fallback (measured on an AVX2 CPU: 500 times slower than MKL's fp32 GEMM on the
   // [N, V] x [V, D] layout of dh, 6 to 30 times on the others).
+  if (t != at::kBFloat16 && t != at::kHalf) return false;
+  const int forced = lowp_gemm_path.load();
+  if (forced >= 0) return forced == 1;
   static const std::array<bool, 2> slow = [] {
     const auto caps = at::cpu::get_cpu_capabilities();
     auto has = [&](const char* k) {

@@ -69,6 +69,10 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
 // (bf16 without AVX512-BF16/AMX, fp16 without AVX512-FP16/AMX): a scalar fallback there.
 bool cpu_lowp_gemm_is_slow(at::ScalarType t);
 
+// Tests only: take the fp32 tiles (1) or ATen's own GEMM (0) on any CPU, or let the CPU decide (-1,
+// the default), so that each path is tested on every machine. Returns the previous setting.
+int set_cpu_lowp_gemm_path(int path);
+
 // CPU GEMM c = a @ b (+ bias, a [n] row added before the one rounding), or c += a @ b when
 // accumulate (c fp32). Low-precision operands go through fp32 in tiles where the CPU has no
 // native GEMM for them, or into an fp32 c (same values as a GEMM with fp32 accumulation);

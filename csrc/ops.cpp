@@ -3,6 +3,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "lce_driver.h"
+
 TORCH_LIBRARY(tiedkernels, m) {
   // Embedding: out = weight[ids]; backward scatters rows back (padding_idx rows get none).
   m.def("embedding_fwd(Tensor weight, Tensor ids, int? padding_idx) -> Tensor");
@@ -61,4 +63,9 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tiedkernels compiled kernels";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("_set_cpu_lowp_gemm_path", &tiedkernels::set_cpu_lowp_gemm_path,
+        "Tests only: bf16/fp16 CPU GEMMs through fp32 tiles (1), ATen (0) or as the CPU decides (-1)");
+  m.def("_cpu_lowp_gemm_is_slow", [](bool bf16) {
+    return tiedkernels::cpu_lowp_gemm_is_slow(bf16 ? at::kBFloat16 : at::kHalf);
+  }, "Whether bf16 (or fp16) CPU GEMMs take the fp32 tiles");
 }

@@ -1,12 +1,17 @@
-"""The low-precision GEMMs of the cpu and torch backends on a CPU without bf16/fp16 instructions.
+"""The low-precision GEMMs of the cpu and torch backends: the fp32 tiles and ATen's own GEMM.
 
-There ATen's bf16 GEMM is scalar code (dz @ W of a [512, 32768] x [32768, 2048] chunk: 325 s on a
-2-core AVX2 machine, against 0.6 s through fp32), so both backends take each GEMM through fp32
-tiles of the weight (csrc/lce_driver.cpp: cpu_mm; tiedkernels/_torch_backend.py: _mm).  Products
-of bf16/fp16 values are exact in fp32, so the tiles give the fp32 GEMM of the upcast operands,
-rounded once: checked here against that, entry by entry, with shapes that make every tiling
-(along the rows, the columns, the reduction) take several tiles.
+On a CPU without bf16/fp16 instructions ATen's bf16 GEMM is scalar code (dz @ W of a
+[512, 32768] x [32768, 2048] chunk: 325 s on a 2-core AVX2 machine, against 0.6 s through fp32),
+so both backends take each GEMM through fp32 tiles of the weight (csrc/lce_driver.cpp: cpu_mm;
+tiedkernels/_torch_backend.py: _mm).  Products of bf16/fp16 values are exact in fp32, so the tiles
+give the fp32 GEMM of the upcast operands, rounded once: checked here against that, entry by
+entry, with shapes that make every tiling (along the rows, the columns, the reduction) take
+several tiles.  On a CPU with them (AVX512-BF16/FP16, AMX) both backends use ATen's GEMM, whose
+order of summation is its own: a logit rounded the other way is PyTorch's value there, not the
+tiles'.  Each path is forced here (set_cpu_lowp_gemm_path), so both are tested on every CPU.
 """
+
+import contextlib
 
 import pytest
 import torch
@@ -15,6 +20,22 @@ import tiedkernels as tk
 from tiedkernels import _torch_backend as TB
 
 LOW = [torch.bfloat16, torch.float16]
+
+
+@contextlib.contextmanager
+def _gemm_path(path):
+    previous = TB.set_cpu_lowp_gemm_path(path)
+    try:
+        yield
+    finally:
+        TB.set_cpu_lowp_gemm_path(previous)
+
+
+@pytest.fixture
+def tiles():
+    """The fp32 tiles, whatever this CPU's own bf16/fp16 instructions."""
+    with _gemm_path("tiles"):
+        yield
 
 
 def _rounded_f32(a, b, bias=None):
@@ -61,7 +82,7 @@ SHAPES = [(1024, 10007, 512), (3, 10007, 512), (20000, 123, 64), (5, 7, 9000), (
 
 @pytest.mark.parametrize("n,v,d", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bias):
+def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bias, tiles):
     h, w, b, g = _inputs(n, v, d, low)
     bias = b if with_bias else None
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -74,7 +95,7 @@ def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bia
 
 
 @pytest.mark.parametrize("chunk_size", [None, 256], ids=["one-chunk", "chunks"])
-def test_fused_loss_gemms_match_the_fp32_path(backend, low, chunk_size):
+def test_fused_loss_gemms_match_the_fp32_path(backend, low, chunk_size, tiles):
     """The fused loss's dh and dW on the tiled path against the same algorithm in fp32 arithmetic
     on the upcast operands (dL/dz rounded once to the input dtype, as the driver does): the fp64
     reference checks of the rest of the suite bound the error; this pins the GEMMs themselves."""
@@ -106,15 +127,76 @@ def test_fused_loss_gemms_match_the_fp32_path(backend, low, chunk_size):
 
 def test_slow_gemm_detection_agrees_with_the_extension():
     """Both backends take the same path: torch's view of the CPU decides for _torch_backend, ATen's
-    cpuinfo for the extension, and they read the same flags."""
+    cpuinfo for the extension, and they read the same flags; a forced path holds for both, and
+    None gives the decision back to the CPU."""
+    from tiedkernels import _ext
+
+    ext = _ext.load()
+    assert ext is not None, _ext.error()
     caps = torch._C._cpu._get_cpu_capability()
     for dtype, keys in ((torch.bfloat16, ("avx512_bf16", "amx_bf16")), (torch.float16, ("avx512_fp16", "amx_fp16"))):
-        assert TB._cpu_gemm_is_slow(dtype) == (not any(caps.get(k) is True for k in keys))
+        slow = not any(caps.get(k) is True for k in keys)
+        assert TB._cpu_gemm_is_slow(dtype) == slow
+        assert ext._cpu_lowp_gemm_is_slow(dtype == torch.bfloat16) == slow
+        for path, want in (("tiles", True), ("native", False)):
+            with _gemm_path(path):
+                assert TB._cpu_gemm_is_slow(dtype) == want
+                assert ext._cpu_lowp_gemm_is_slow(dtype == torch.bfloat16) == want
+        assert TB._cpu_gemm_is_slow(dtype) == slow
+        assert ext._cpu_lowp_gemm_is_slow(dtype == torch.bfloat16) == slow
+    with pytest.raises(ValueError, match="'tiles'"):
+        TB.set_cpu_lowp_gemm_path("fp32")
+    assert TB._cpu_gemm_is_slow(torch.bfloat16) == (not any(caps.get(k) is True for k in ("avx512_bf16", "amx_bf16")))
 
 
+@pytest.mark.parametrize("path", ["tiles", "native"])
 @pytest.mark.parametrize("m,k,n", [(0, 5, 7), (5, 0, 7), (5, 7, 0)])
-def test_empty_dimensions(low, m, k, n):
+def test_empty_dimensions(low, m, k, n, path):
     a, b = torch.randn(m, k).to(low), torch.randn(k, n).to(low)
     bias = torch.randn(n).to(low)
-    assert torch.equal(TB._mm(a, b), (a.float() @ b.float()).to(low))
-    assert torch.equal(TB._mm(a, b, bias), (a.float() @ b.float() + bias.float()).to(low))
+    with _gemm_path(path):
+        assert torch.equal(TB._mm(a, b), (a.float() @ b.float()).to(low))
+        assert torch.equal(TB._mm(a, b, bias), (a.float() @ b.float() + bias.float()).to(low))
+
+
+def _within_gemm_rounding(got, want, a, b):
+    """got and want are two GEMMs of a @ b in a's dtype with fp32 sums in other orders: at most one
+    unit in the last place of the result apart, plus what the order of fp32 summation moves."""
+    diff = (got.float() - want.float()).abs()
+    order = 2 * a.shape[1] * torch.finfo(torch.float32).eps * (a.float().abs() @ b.float().abs())
+    bound = want.float().abs() * torch.finfo(got.dtype).eps * 1.01 + order
+    assert bool((diff <= bound).all()), f"off by {float((diff / bound).max())} of the bound"
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_native_path_is_atens_gemm(backend, low, with_bias):
+    """With the native path (a CPU with bf16/fp16 instructions; forced here on any CPU) the logits
+    op and its gradients are ATen's own GEMMs of the same operands, as a stock model computes them;
+    and the fused loss agrees with a stock loss built on those GEMMs.  Small shapes: on a CPU without
+    the instructions ATen's GEMM is scalar code."""
+    n, v, d = 37, 301, 96
+    h, w, b, g = _inputs(n, v, d, low, seed=3)
+    bias = b if with_bias else None
+    with _gemm_path("native"):
+        hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
+        br = bias.clone().requires_grad_() if with_bias else None
+        z = tk.logits(hr, wr, bias=br, backend=backend)
+        grads = torch.autograd.grad(z, [hr, wr], g)
+        labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(4))
+        labels[::5] = -100
+        hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = tk.linear_cross_entropy(hl, wl, labels, reduction="sum", chunk_size=16, backend=backend)
+        dh, dw = torch.autograd.grad(loss, [hl, wl])
+    _within_gemm_rounding(z.detach(), torch.nn.functional.linear(h, w, bias), h, w.t())
+    _within_gemm_rounding(grads[0], g @ w, g, w)
+    _within_gemm_rounding(grads[1], g.t() @ h, g.t(), h)
+    # a stock loss on ATen's low-precision logits, against the fp64 answer: the fused loss is as close
+    hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
+    stock = torch.nn.functional.cross_entropy((hs @ ws.t()).float(), labels, reduction="sum")
+    sh, sw = torch.autograd.grad(stock, [hs, ws])
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    exact = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, reduction="sum")
+    eh, ew = torch.autograd.grad(exact, [h64, w64])
+    for got, base, ref in ((loss, stock, exact), (dh, sh, eh), (dw, sw, ew)):
+        err, base_err = (got.double() - ref).norm(), (base.double() - ref).norm()
+        assert err <= 1.5 * base_err + 1e-6 * ref.norm(), (float(err), float(base_err))

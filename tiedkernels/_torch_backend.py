@@ -32,8 +32,37 @@ def check_index_range(x, n, what, ignore_index=None):
         raise IndexError(f"tiedkernels: {what} {val} at position {pos} is outside [0, V) for V={n}{extra}")
 
 
-@functools.cache
+# Tests only (set_cpu_lowp_gemm_path): None lets the CPU decide; "tiles" or "native" forces a path.
+_LOWP_GEMM_PATH = None
+
+
+def set_cpu_lowp_gemm_path(path):
+    """Tests only: bf16/fp16 CPU GEMMs of the cpu and torch backends through fp32 tiles ("tiles"),
+    ATen's own GEMM ("native"), or as the CPU decides (None, the default), so that each path can be
+    tested on any CPU. Returns the previous setting."""
+    global _LOWP_GEMM_PATH
+    codes = {None: -1, "native": 0, "tiles": 1}
+    if path not in codes:
+        raise ValueError(f"tiedkernels: the low-precision GEMM path is None, 'native' or 'tiles', not {path!r}")
+    from . import _ext
+
+    ext = _ext.load()
+    if ext is not None:
+        ext._set_cpu_lowp_gemm_path(codes[path])
+    previous, _LOWP_GEMM_PATH = _LOWP_GEMM_PATH, path
+    return previous
+
+
 def _cpu_gemm_is_slow(dtype):
+    """Whether bf16/fp16 CPU GEMMs take the fp32 tiles (_mm): where the CPU has no native GEMM for
+    the dtype, unless a test forced a path (set_cpu_lowp_gemm_path)."""
+    if _LOWP_GEMM_PATH is not None:
+        return _LOWP_GEMM_PATH == "tiles"
+    return _cpu_lacks_lowp_gemm(dtype)
+
+
+@functools.cache
+def _cpu_lacks_lowp_gemm(dtype):
     """ATen's CPU GEMM in bf16/fp16 runs on the CPU's own instructions only where it has them
     (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX for fp16); elsewhere a scalar fallback, up to
     hundreds of times slower than fp32 (csrc/lce_driver.cpp: cpu_mm)."""
