@@ -7,6 +7,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tiedkernels-installed
 SOURCES := setup.py pyproject.toml tiedkernels/_ext.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp requirements/*.txt)
 
+# The test runs spread their tests over TEST_WORKERS processes (pytest-xdist, in requirements/test.txt):
+# whole files per process (PYTEST_FILES: module fixtures such as the distributed ranks run once), or
+# single tests where one file holds them all (PYTEST_TESTS). TEST_WORKERS=1 runs each in one process.
+TEST_WORKERS ?= 2
+PYTEST_FILES := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+PYTEST_TESTS := $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist load)
+
 # Fragments under mk/ add their own targets; they append to EXTRA_TESTS what `make test`
 # must also run (a second transformers line, the CUDA compile check, ...).
 EXTRA_TESTS :=
@@ -34,7 +41,7 @@ demo: install hf-deps
 
 # The benchmark cases run once each (no timing) so they never rot; `make bench` times them.
 test-core: install
-	$(BIN)/python -m pytest tests benchmarks -q --benchmark-disable
+	$(BIN)/python -m pytest tests benchmarks -q --benchmark-disable $(PYTEST_FILES)
 
 -include mk/*.mk
 

@@ -32,7 +32,7 @@ test-core: triton-deps
 # full run another test module may import Triton first (transformers/peft do), after which the
 # interpreter cannot be switched on and the file skips itself there.
 test-triton: triton-deps
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton.py -q
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton.py -q $(PYTEST_TESTS)
 
 $(CUDA_TORCH_STAMP):
 	test -x $(CUDA_BIN)/python || $(PYTHON) -m venv $(VENV_CUDA)

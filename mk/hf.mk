@@ -34,10 +34,10 @@ $(HF4_STAMP): $(STAMP) requirements/hf-v4.txt requirements/test.txt
 install-hf4: $(HF4_STAMP)
 
 test-hf4: $(HF4_STAMP)
-	$(HF4_BIN)/python -m pytest tests/test_hf*.py -q
+	$(HF4_BIN)/python -m pytest tests/test_hf*.py -q $(PYTEST_FILES)
 
 test-hf: hf-deps
-	$(BIN)/python -m pytest tests/test_hf*.py -q
+	$(BIN)/python -m pytest tests/test_hf*.py -q $(PYTEST_FILES)
 
 hf-demo: hf-deps
 	$(BIN)/python -m tiedkernels.hf.demo

@@ -50,9 +50,9 @@ test-low: $(LOW_STAMP)
 	grep -q "^torch $(LOW_TORCH_VERSION).*(supported" $(LOW_CACHE)/info$(notdir $(VENV_LOW)).txt
 	grep -q "^triton $(LOW_TRITON_VERSION) (supported" $(LOW_CACHE)/info$(notdir $(VENV_LOW)).txt
 	grep -q "compiled extension: CPU kernels yes" $(LOW_CACHE)/info$(notdir $(VENV_LOW)).txt
-	TIEDKERNELS_CACHE=$(LOW_CACHE) TIEDKERNELS_TEST_NAN_EMPTY=1 $(LOW_BIN)/python -m pytest $(LOW_TESTS) -q \
+	TIEDKERNELS_CACHE=$(LOW_CACHE) TIEDKERNELS_TEST_NAN_EMPTY=1 $(LOW_BIN)/python -m pytest $(LOW_TESTS) -q $(PYTEST_FILES) \
 	  -p no:cacheprovider -m "not slow"
-	TIEDKERNELS_CACHE=$(LOW_CACHE) TRITON_INTERPRET=1 $(LOW_BIN)/python -m pytest tests/test_triton.py -q -p no:cacheprovider
+	TIEDKERNELS_CACHE=$(LOW_CACHE) TRITON_INTERPRET=1 $(LOW_BIN)/python -m pytest tests/test_triton.py -q -p no:cacheprovider $(PYTEST_TESTS)
 
 # The CUDA compile check (mk/cuda.mk) against the low end's torch, whose wheel is the CUDA 13.0 build:
 # the kernels must compile against its headers too. One architecture, sm_90 (the GPU this project is
