@@ -36,11 +36,9 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-}  // namespace
-
-namespace {
 // Tests only (set_cpu_lowp_gemm_path): -1 the CPU decides, 0 ATen's own GEMM, 1 the fp32 tiles.
 std::atomic<int> lowp_gemm_path{-1};
+
 }  // namespace
 
 int set_cpu_lowp_gemm_path(int path) {
