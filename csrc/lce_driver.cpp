@@ -239,19 +239,19 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   const bool low_precision = dtype != sdt;
   const int64_t chunk = std::max<int64_t>(1, std::min(chunk_size, n));
   const int64_t chunks = n == 0 ? 0 : (n + chunk - 1) / chunk;
-  // CPU, low precision, where the CPU has no native GEMM for it: every GEMM through fp32 tiles
-  // (cpu_mm); dW straight into the output with a single chunk, else into an fp32 accumulator.
+  // CPU, low precision, where the CPU has no native GEMM for it: the logits and dh GEMMs through
+  // fp32 tiles (cpu_mm).
   const bool f32_gemm = low_precision && h.is_cpu() && cpu_lowp_gemm_is_slow(dtype);
-  const bool direct_dw = want_dw && f32_gemm && chunks == 1;
-  // CPU, low precision, native GEMM, a single chunk: dW is that one GEMM in the input dtype, as a
-  // stock model computes it. With more chunks each chunk's dzᵀ h is added into the fp32 dW through
-  // fp32 tiles (cpu_mm), never rounded to the input dtype first: a chunk's rounded contribution
+  // CPU, low precision, dW: with a single chunk, that chunk's GEMM straight into the output (cpu_mm:
+  // ATen's own where the CPU has a native GEMM, as a stock model computes it, else the fp32 tiles,
+  // rounded once). With more chunks each chunk's dzᵀ h is added into the fp32 dW through fp32 tiles
+  // (cpu_mm into an fp32 c), never rounded to the input dtype first: a chunk's rounded contribution
   // carries an error of its own size, and contributions of opposite sign leave it all in a small
   // sum (1.4 times the RMS error of a stock bf16 GEMM at 16 chunks). Elsewhere the first chunk
   // writes dW (no zero fill).
-  const bool whole_dw = want_dw && low_precision && h.is_cpu() && chunks == 1 && !f32_gemm;
-  at::Tensor dw_part = whole_dw || direct_dw ? at::empty({v, d}, w.options()) : at::Tensor();
-  at::Tensor dw_acc = !want_dw || ((whole_dw || direct_dw) && chunks == 1) ? at::Tensor()
+  const bool direct_dw = want_dw && low_precision && h.is_cpu() && chunks == 1;
+  at::Tensor dw_part = direct_dw ? at::empty({v, d}, w.options()) : at::Tensor();
+  at::Tensor dw_acc = !want_dw || direct_dw ? at::Tensor()
                       : chunks == 0 ? at::zeros({v, d}, w.options().dtype(sdt))
                                     : at::empty({v, d}, w.options().dtype(sdt));
   at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
@@ -327,14 +327,12 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
         } else {
           dw_acc.addmm_(z.t(), hc);
         }
-      } else if (f32_gemm || (h.is_cpu() && !whole_dw)) {
+      } else if (h.is_cpu()) {
         if (direct_dw) {
           cpu_mm(dw_part, z.t(), hc);
         } else {
           cpu_mm(dw_acc, z.t(), hc, /*accumulate=*/!first);
         }
-      } else if (whole_dw) {
-        at::mm_out(dw_part, z.t(), hc);
       } else if (h.is_cuda()) {
         // cuBLAS: this chunk's dzᵀ h accumulated by the GEMM itself into the fp32 dW (fp32
         // output from low-precision inputs): no rounding of the chunk's contribution, no tiles.
@@ -360,7 +358,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
     r.loss = gs.defined() ? (gs.dim() == 0 ? loss_vec.sum() * gs : (loss_vec * gs).sum()) : loss_vec;
   }
   r.dw = !want_dw ? at::empty({0}, w.options())
-         : whole_dw || direct_dw ? dw_part
+         : direct_dw ? dw_part
          : (low_precision ? dw_acc.to(dtype) : dw_acc);
   r.db = want_db ? (low_precision ? db_acc.to(dtype) : db_acc) : at::empty({0}, w.options());
   return r;

@@ -164,6 +164,17 @@ def test_empty_dimensions(low, m, k, n, path):
         assert torch.equal(TB._mm(a, b, bias), (a.float() @ b.float() + bias.float()).to(low))
 
 
+def _stock_and_exact(h, w, labels):
+    """(loss, dh, dW) of a stock model's summed loss on these low-precision h and W (logits by ATen's
+    GEMM in their dtype, the loss in fp32), and the same in fp64 on the upcast values."""
+    out = []
+    for hh, ww, logits in ((h, w, lambda a, b: (a @ b.t()).float()), (h.double(), w.double(), lambda a, b: a @ b.t())):
+        hh, ww = hh.clone().requires_grad_(), ww.clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(logits(hh, ww), labels, reduction="sum")
+        out.append((loss.detach(), *torch.autograd.grad(loss, [hh, ww])))
+    return out
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
 def test_native_path_is_atens_gemm(backend, low, with_bias):
     """With the native path (a CPU with bf16/fp16 instructions; forced here on any CPU) the logits
@@ -187,13 +198,8 @@ def test_native_path_is_atens_gemm(backend, low, with_bias):
     _within_gemm_rounding(grads[0], g @ w, g, w)
     _within_gemm_rounding(grads[1], g.t() @ h, g.t(), h)
     # a stock loss on ATen's low-precision logits, against the fp64 answer: the fused loss is as close
-    hs, ws = h.clone().requires_grad_(), w.clone().requires_grad_()
-    stock = torch.nn.functional.cross_entropy((hs @ ws.t()).float(), labels, reduction="sum")
-    sh, sw = torch.autograd.grad(stock, [hs, ws])
-    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
-    exact = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels, reduction="sum")
-    eh, ew = torch.autograd.grad(exact, [h64, w64])
-    for got, base, ref in ((loss, stock, exact), (dh, sh, eh), (dw, sw, ew)):
+    stock, exact = _stock_and_exact(h, w, labels)
+    for got, base, ref in zip((loss, dh, dw), stock, exact):
         err, base_err = (got.double() - ref).norm(), (base.double() - ref).norm()
         assert err <= 1.5 * base_err + 1e-6 * ref.norm(), (float(err), float(base_err))
 
@@ -211,11 +217,6 @@ def test_dw_is_summed_in_fp32_across_chunks(backend, low, path):
         wl = w.clone().requires_grad_()
         loss = tk.linear_cross_entropy(h, wl, labels, reduction="sum", chunk_size=32, backend=backend)
         (dw,) = torch.autograd.grad(loss, [wl])
-    ws = w.clone().requires_grad_()
-    stock = torch.nn.functional.cross_entropy((h @ ws.t()).float(), labels, reduction="sum")
-    (sw,) = torch.autograd.grad(stock, [ws])
-    w64 = w.double().requires_grad_()
-    exact = torch.nn.functional.cross_entropy(h.double() @ w64.t(), labels, reduction="sum")
-    (ew,) = torch.autograd.grad(exact, [w64])
+    (_, _, sw), (_, _, ew) = _stock_and_exact(h, w, labels)
     err, base = float((dw.double() - ew).norm()), float((sw.double() - ew).norm())
     assert err <= 1.1 * base, f"dW RMS error {err / base:.2f} times a stock model's"
