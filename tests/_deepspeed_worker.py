@@ -20,7 +20,7 @@ from _deepspeed_common import ARCHS, make_args, make_trainer  # noqa: E402
 
 import tiedkernels.functional as tkf  # noqa: E402
 import tiedkernels.hf as tkhf  # noqa: E402
-from tiedkernels.hf._testing import build  # noqa: E402
+from _hf_testing import build  # noqa: E402
 
 
 def main(stage, out):

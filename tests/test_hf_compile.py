@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from torch._dynamo.backends.common import aot_autograd  # noqa: E402
 
 import tiedkernels.hf as tkhf  # noqa: E402
-from tiedkernels.hf._testing import batch, build  # noqa: E402
+from _hf_testing import batch, build  # noqa: E402
 
 from _memory import extra_peak_bytes  # noqa: E402
 

@@ -23,7 +23,7 @@ pytest.importorskip("deepspeed")
 
 import tiedkernels as tk  # noqa: E402
 import tiedkernels.hf as tkhf  # noqa: E402
-from tiedkernels.hf._testing import build  # noqa: E402
+from _hf_testing import build  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _deepspeed_common import ARCHS, PER_RANK, STEPS, Rows, make_args, make_trainer  # noqa: E402

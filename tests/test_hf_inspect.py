@@ -14,7 +14,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import tiedkernels  # noqa: E402
 import tiedkernels.hf as tkhf  # noqa: E402
-from tiedkernels.hf._testing import ARCHS, build  # noqa: E402
+from _hf_testing import ARCHS, build  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

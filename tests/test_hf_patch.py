@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import tiedkernels.hf as tkhf  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
-from tiedkernels.hf._testing import ARCHS, CAUSAL, SCALED, batch, build  # noqa: E402
+from _hf_testing import ARCHS, CAUSAL, SCALED, batch, build  # noqa: E402
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 

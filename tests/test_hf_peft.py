@@ -12,7 +12,7 @@ from peft.utils.other import _get_module_names_tied_with_embedding  # noqa: E402
 
 import tiedkernels.hf as tkhf  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
-from tiedkernels.hf._testing import batch, build  # noqa: E402
+from _hf_testing import batch, build  # noqa: E402
 
 # Causal-LM stock losses round logits to float32 (see test_hf_patch.py): 1e-6.
 TOL = dict(atol=1e-6, rtol=1e-6)

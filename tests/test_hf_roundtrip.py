@@ -13,7 +13,7 @@ from safetensors import safe_open  # noqa: E402
 
 import tiedkernels.hf as tkhf  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
-from tiedkernels.hf._testing import ARCHS, CAUSAL, batch, build  # noqa: E402
+from _hf_testing import ARCHS, CAUSAL, batch, build  # noqa: E402
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 # Stock causal losses round the logits to float32 (see test_hf_patch.py): 1e-6 there, 1e-10 elsewhere.

@@ -10,7 +10,7 @@ pytest.importorskip("accelerate")
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
 import tiedkernels.hf as tkhf  # noqa: E402
-from tiedkernels.hf._testing import build  # noqa: E402
+from _hf_testing import build  # noqa: E402
 
 
 class Tokens(torch.utils.data.Dataset):

@@ -19,7 +19,7 @@ import trl.trainer.utils  # noqa: E402,F401  (imported before patch, as a TRL sc
 import tiedkernels.functional as tkf  # noqa: E402
 import tiedkernels.hf as tkhf  # noqa: E402
 from tiedkernels.hf import _trl  # noqa: E402
-from tiedkernels.hf._testing import build  # noqa: E402
+from _hf_testing import build  # noqa: E402
 
 VOCAB = 101
 

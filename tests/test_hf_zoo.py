@@ -1,7 +1,7 @@
 """The transformers model zoo as a test of ``tiedkernels.hf.patch``.
 
 Every (model type, class) of transformers' causal-LM, masked-LM and seq2seq auto mappings is built from
-its own config class with the defaults shrunk (``tiedkernels.hf._testing.tiny_config``: layers, hidden
+its own config class with the defaults shrunk (``tests/_hf_testing.py``'s ``tiny_config``: layers, hidden
 size, heads, feed-forward, vocabulary, sub-configs of multimodal models), in fp64, and patched against
 a stock twin by ``zoo_check``: patch, loss and every gradient, logits, save -> stock load, greedy
 generate. Outcomes:
@@ -67,7 +67,7 @@ def test_embedding_output_takes_in_place_ops(backend, padding_idx):
 transformers = pytest.importorskip("transformers")
 
 from tiedkernels.hf import _patch  # noqa: E402
-from tiedkernels.hf._testing import ZOO_MAPPINGS, build_zoo, zoo_batch, zoo_check, zoo_entries  # noqa: E402
+from _hf_testing import ZOO_MAPPINGS, build_zoo, zoo_batch, zoo_check, zoo_entries  # noqa: E402
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 

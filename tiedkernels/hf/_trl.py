@@ -17,6 +17,8 @@ import weakref
 
 import torch
 
+from ._state import fuses_loss
+
 _ANSWERED = frozenset({"log_probs", "entropy", "is_top1"})
 _SIGNATURE = ("ctx", "hidden", "weight", "bias", "targets", "temperature", "chunk_size", "final_logit_softcapping",
               "logit_scale", "outputs")
@@ -35,8 +37,6 @@ def register(model):
 
 
 def _owner(weight):
-    from ._patch import fuses_loss
-
     refs = _models.get(id(weight))
     if refs is None or refs[0]() is not weight:
         return None

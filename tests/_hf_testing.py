@@ -1,4 +1,4 @@
-"""Tiny configs of the supported architectures, built in code (no hub): used by the tests and the demo."""
+"""Tiny configs of the supported architectures and the zoo check, built in code (no hub): test helpers."""
 
 import re
 
