@@ -22,14 +22,12 @@ def rank_main(kind, batch, seq, out):
     import torch
     import torch.distributed as dist
     import deepspeed
-    from transformers import GPT2LMHeadModel
-
     import tiedkernels.hf as tkhf
-    from tiedkernels.hf.demo import _current_rss_bytes, _peak_rss_bytes, gpt2_config
+    from tiedkernels.hf.demo import _current_rss_bytes, _peak_rss_bytes, gpt2_config, gpt2_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt2_config(50257, n_embd=256, n_layer=2, n_head=4, n_positions=seq))
+    model = gpt2_model(gpt2_config(50257, n_embd=256, n_layer=2, n_head=4, n_positions=seq))
     if kind == "patched":
         tkhf.patch(model)
     model.train()

@@ -35,6 +35,8 @@ def test_demo_end_to_end(tmp_path):
     assert "sample: " in out
     assert (tmp_path / "hf_demo_loss.png").stat().st_size > 10_000
     assert (tmp_path / "model" / "model.safetensors").exists()
+    # a new user sees no warning from transformers about the demo's own config
+    assert "loss_type" not in out + res.stderr, res.stderr
 
 
 def test_patched_training_step_saves_more_than_the_logits():

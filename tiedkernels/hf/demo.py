@@ -83,17 +83,26 @@ def gpt2_config(vocab, n_embd=128, n_layer=2, n_head=4, n_positions=256):
                       loss_type="ForCausalLM")
 
 
+def gpt2_model(config):
+    """A GPT-2 LM that names its loss: transformers v4 reads ``config.loss_type``, v5 the model's own
+    ``loss_type`` (guessed from the class name, which for ``GPT2LMHeadModel`` gives none and a warning)."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
 # -- one training run (child process) -------------------------------------------------------
 def child_train(kind, tok_path, out_dir, steps, batch, seq, seed):
     import torch
     from tqdm import tqdm
-    from transformers import GPT2LMHeadModel
 
     import tiedkernels.hf as tkhf
 
     ids, _ = load_ids(tok_path)
     torch.manual_seed(seed)
-    model = GPT2LMHeadModel(gpt2_config(VOCAB))
+    model = gpt2_model(gpt2_config(VOCAB))
     if kind == "patched":
         tkhf.patch(model)
     model.train()
@@ -129,12 +138,11 @@ def child_train(kind, tok_path, out_dir, steps, batch, seq, seed):
 # -- the memory figure (child process) ------------------------------------------------------
 def child_memory(kind, batch=4, seq=512, steps=2):
     import torch
-    from transformers import GPT2LMHeadModel
 
     import tiedkernels.hf as tkhf
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(gpt2_config(50257, n_embd=256, n_layer=2, n_head=4, n_positions=512))
+    model = gpt2_model(gpt2_config(50257, n_embd=256, n_layer=2, n_head=4, n_positions=512))
     if kind == "patched":
         tkhf.patch(model)
     model.train()
