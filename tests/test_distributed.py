@@ -59,15 +59,17 @@ def _padded_shard(full, rank, m=1, fill=None):
 
 
 LOSS_CASES = [
-    # (pad multiple m, sequence parallel, options)
-    (1, False, dict(reduction="mean", chunk_size=5)),
+    # (pad multiple m, sequence parallel, options); the lse is returned, with a random incoming
+    # gradient, unless return_lse=False
+    (1, False, dict(reduction="mean", return_lse=False, chunk_size=5)),
     (4, False, dict(reduction="sum", label_smoothing=0.1, z_loss=1e-3, chunk_size=3)),
     (1, True, dict(reduction="none", bias=True, softcap=3.0, logit_scale=0.7, chunk_size=5)),
     (4, True, dict(reduction="mean", shift=True, num_items_in_batch=7, label_smoothing=0.2, chunk_size=4)),
     (1, False, dict(reduction="mean", ignore_index=7, label_smoothing=0.1, z_loss=1e-2, softcap=2.0, bias=True,
                     return_lse=True, chunk_size=5)),
     (1, True, dict(reduction="sum", shift=True, z_loss=1e-3, logit_scale=1.3)),  # default chunk size
-    (4, False, dict(reduction="mean", all_ignored=True, label_smoothing=0.1, chunk_size=5)),
+    (4, False, dict(reduction="mean", all_ignored=True, label_smoothing=0.1, return_lse=False, chunk_size=5)),
+    (1, True, dict(reduction="sum", all_ignored=True, z_loss=1e-2, chunk_size=5)),  # the lse of ignored tokens
     (4, True, dict(reduction="mean", vocab=3, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)),  # rank 1: all padding
     # class weights (the whole vocabulary's on every rank)
     (4, False, dict(reduction="mean", class_weight=True, label_smoothing=0.1, z_loss=1e-2, bias=True, chunk_size=3)),
@@ -78,10 +80,21 @@ LOSS_CASES = [
 
 
 def check_loss(rank, group):
-    """Loss, lse, dh, each rank's dW and db shard against the fp64 single-process reference,
-    on every CPU backend (the compiled kernels, and the pure-torch fallback)."""
+    """Loss, lse, dh, each rank's dW and db shard against the fp64 single-process reference and
+    the single-device op, on every CPU backend (the compiled kernels, and the pure-torch fallback),
+    with random incoming gradients for the loss and the lse (a z-loss built from the returned lse);
+    the collectives per step are the same with and without the lse's gradient."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    import tiedkernels
     from tiedkernels import backends, reference
     from tiedkernels.distributed import vocab_parallel_linear_cross_entropy
+
+    c10d = torch.ops.c10d
+    expected_counts = {
+        False: {c10d._allgather_base_: 1, c10d.allreduce_: 1},  # the [2, N] stats; dh
+        True: {c10d._allgather_base_: 2, c10d._reduce_scatter_base_: 1},  # + the hidden slices; dh scattered
+    }
 
     names = [b for b in ("cpu", "torch") if backends.why_not(b, "cpu") is None]
     assert "torch" in names
@@ -105,14 +118,24 @@ def check_loss(rank, group):
             y[0, 0] = 7  # an ignore_index that is a real id, once at least
         if opts.pop("class_weight", False):
             opts["class_weight"] = torch.rand(vocab, dtype=torch.float64, generator=g) + 0.25
-        gout = torch.randn(B, T - 1 if opts.get("shift") else T, dtype=torch.float64, generator=g)
+        opts.setdefault("return_lse", True)
+        t_out = T - 1 if opts.get("shift") else T
+        gout = torch.randn((B, t_out) if opts["reduction"] == "none" else (), dtype=torch.float64, generator=g)
+        glse = torch.randn(B, t_out, dtype=torch.float64, generator=g)
 
-        # the single-process truth
+        def backward(out):
+            loss, lse = out if opts["return_lse"] else (out, None)
+            ((loss * gout).sum() + ((lse * glse).sum() if lse is not None else 0)).backward()
+            return loss.detach(), lse.detach() if lse is not None else None
+
+        # the single-process truth, and the single-device op
         wr, hr = w.clone().requires_grad_(), h.clone().requires_grad_()
         br = b.clone().requires_grad_() if use_bias else None
-        ref = reference.linear_cross_entropy(hr, wr, y, bias=br, **opts)
-        ref_loss, ref_lse = ref if opts.get("return_lse") else (ref, None)
-        (ref_loss * gout).sum().backward() if opts["reduction"] == "none" else ref_loss.backward()
+        ref_loss, ref_lse = backward(reference.linear_cross_entropy(hr, wr, y, bias=br, **opts))
+        w1, h1 = w.clone().requires_grad_(), h.clone().requires_grad_()
+        b1 = b.clone().requires_grad_() if use_bias else None
+        one_loss, _ = backward(tiedkernels.linear_cross_entropy(h1, w1, y, bias=b1, chunk_size=chunk, backend=backend,
+                                                                **opts))
 
         # this rank's shard
         ws, start, stop = _padded_shard(w, rank, m)
@@ -122,24 +145,31 @@ def check_loss(rank, group):
             hl = h.chunk(WORLD, dim=1)[rank].clone().requires_grad_()
         else:
             hl = h.clone().requires_grad_()
-        out = vocab_parallel_linear_cross_entropy(hl, ws, y, vocab_start=start, vocab_size=vocab,
-                                                  process_group=group, bias=bs, sequence_parallel=sp,
-                                                  chunk_size=chunk, backend=backend, **opts)
-        loss, lse = out if opts.get("return_lse") else (out, None)
-        _close(loss, ref_loss.detach(), f"{what} loss")
+        with CommDebugMode() as comm:
+            loss, lse = backward(vocab_parallel_linear_cross_entropy(
+                hl, ws, y, vocab_start=start, vocab_size=vocab, process_group=group, bias=bs, sequence_parallel=sp,
+                chunk_size=chunk, backend=backend, **opts))
+        counts = {k: v for k, v in comm.get_comm_counts().items() if v}
+        assert counts == expected_counts[sp], f"{what}: collectives per step {counts}"
+        _close(loss, ref_loss, f"{what} loss")
+        _close(loss, one_loss, f"{what} loss against the single-device op")
         if lse is not None:
-            _close(lse, ref_lse.detach(), f"{what} lse")
-        (loss * gout).sum().backward() if opts["reduction"] == "none" else loss.backward()
-        ref_dh = hr.grad.chunk(WORLD, dim=1)[rank] if sp else hr.grad
+            _close(lse, ref_lse, f"{what} lse")
+        ref_dh, one_dh = (hr.grad.chunk(WORLD, dim=1)[rank], h1.grad.chunk(WORLD, dim=1)[rank]) if sp else \
+            (hr.grad, h1.grad)
         _close(hl.grad, ref_dh, f"{what} dh")
+        _close(hl.grad, one_dh, f"{what} dh against the single-device op")
         n = stop - start
         _close(ws.grad[:n], wr.grad[start:stop], f"{what} dW shard")
+        _close(ws.grad[:n], w1.grad[start:stop], f"{what} dW shard against the single-device op")
         assert torch.count_nonzero(ws.grad[n:]) == 0, f"{what}: padding rows got a gradient"
         if use_bias:
             _close(bs.grad[:n], br.grad[start:stop], f"{what} db shard")
             assert torch.count_nonzero(bs.grad[n:]) == 0, f"{what}: padding bias got a gradient"
-        if all_ignored:
+        if all_ignored and lse is None:
             assert loss.item() == 0 and torch.count_nonzero(ws.grad) == 0 and torch.count_nonzero(hl.grad) == 0
+        elif all_ignored:  # the loss is 0, but the lse of an ignored token is a real lse with a gradient
+            assert loss.item() == 0 and torch.count_nonzero(hl.grad) > 0
 
 
 def check_loss_no_group_and_partial_dh(rank, group):
@@ -830,3 +860,70 @@ def test_distributed(results, name):
         if res[name] is not None and res[name].startswith("SKIP: "):
             pytest.skip(res[name][len("SKIP: "):])
         assert res[name] is None, f"rank {rank}:\n{res[name]}"
+
+
+# ---------------------------------------------------------------------------------------
+# one process, no group (no spawn)
+
+LSE_GRAD_CASES = [
+    dict(reduction="mean", z_loss=1e-2, label_smoothing=0.1, chunk_size=4),
+    dict(reduction="sum", ignore_index=3, softcap=2.5, logit_scale=0.8, bias=True),
+    dict(reduction="none", shift=True, z_loss=1e-3, pad=3, chunk_size=5),
+    dict(reduction="mean", num_items_in_batch=5, class_weight=True, label_smoothing=0.2, bias=True, pad=2),
+    dict(reduction="mean", all_ignored=True, z_loss=1e-2),
+]
+
+
+@pytest.mark.parametrize("case", range(len(LSE_GRAD_CASES)))
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_lse_gradient_without_group(backend, case):
+    """The returned lse carries its gradient (loss + z(lse), Cut Cross-Entropy's vocab-parallel
+    z-loss): random incoming gradients for the loss and the lse, against the single-device op
+    (return_lse=True) and the fp64 reference; padding rows (``pad``) are masked, and the lse of an
+    ignored token gets its gradient as on one device."""
+    import tiedkernels
+    from tiedkernels import backends, reference
+    from tiedkernels.distributed import vocab_parallel_linear_cross_entropy
+
+    if backends.why_not(backend, "cpu") is not None:
+        pytest.skip(backends.why_not(backend, "cpu"))
+    opts = dict(LSE_GRAD_CASES[case])
+    use_bias, pad, chunk = opts.pop("bias", False), opts.pop("pad", 0), opts.pop("chunk_size", None)
+    ii = opts.get("ignore_index", -100)
+    g = torch.Generator().manual_seed(40 + case)
+    B, T = 2, 5
+    w = torch.randn(V, D, dtype=torch.float64, generator=g)
+    b = torch.randn(V, dtype=torch.float64, generator=g) if use_bias else None
+    h = torch.randn(B, T, D, dtype=torch.float64, generator=g)
+    y = _labels((B, T), V, ii, frac=0.3, gen=g)
+    if opts.pop("all_ignored", False):
+        y = torch.full_like(y, ii)
+    if opts.pop("class_weight", False):
+        opts["class_weight"] = torch.rand(V, dtype=torch.float64, generator=g) + 0.25
+    t_out = T - 1 if opts.get("shift") else T
+    g_loss = torch.randn((B, t_out) if opts["reduction"] == "none" else (), dtype=torch.float64, generator=g)
+    g_lse = torch.randn(B, t_out, dtype=torch.float64, generator=g)
+
+    def run(fn, weight, bias):
+        hx = h.clone().requires_grad_()
+        wx = weight.clone().requires_grad_()
+        bx = bias.clone().requires_grad_() if bias is not None else None
+        loss, lse = fn(hx, wx, bx)
+        ((loss * g_loss).sum() + (lse * g_lse).sum()).backward()
+        return loss.detach(), lse.detach(), hx.grad, wx.grad, bx.grad if bx is not None else None
+
+    want = run(lambda hx, wx, bx: tiedkernels.linear_cross_entropy(hx, wx, y, bias=bx, return_lse=True,
+                                                                   chunk_size=chunk, backend=backend, **opts), w, b)
+    truth = run(lambda hx, wx, bx: reference.linear_cross_entropy(hx, wx, y, bias=bx, return_lse=True, **opts), w, b)
+    wp = torch.cat([w, torch.randn(pad, D, dtype=torch.float64, generator=g) * 3])  # garbage padding rows
+    bp = torch.cat([b, torch.randn(pad, dtype=torch.float64, generator=g)]) if use_bias else None
+    got = run(lambda hx, wx, bx: vocab_parallel_linear_cross_entropy(
+        hx, wx, y, bias=bx, vocab_size=V, return_lse=True, chunk_size=chunk, backend=backend, **opts), wp, bp)
+    for name, mine, single, ref in zip(("loss", "lse", "dh", "dW", "db"), got, want, truth):
+        if ref is None:
+            continue
+        if name in ("dW", "db"):
+            assert torch.count_nonzero(mine[V:]) == 0, f"{name}: padding rows got a gradient"
+            mine = mine[:V]
+        _close(mine, single, f"{name} against the single-device op")
+        _close(mine, ref, f"{name} against the fp64 reference")

@@ -322,7 +322,7 @@ _UNSUPPORTED_MODE = ("tiedkernels: the vocabulary-parallel loss has the ordinary
 
 
 class _VocabParallelLCE(torch.autograd.Function):
-    """Per-token loss ``[N]`` (0 at ignored tokens) and the global logsumexp ``[N]``."""
+    """Per-token loss ``[N]`` (0 at ignored tokens) and the global logsumexp ``[N]``, both differentiable."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, cfg):
@@ -372,14 +372,18 @@ class _VocabParallelLCE(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
         return tok, lse
 
     @staticmethod
     def backward(ctx, g_tok, g_lse):
+        # lse is differentiable (a z-loss built from the returned lse): its incoming gradient adds
+        # g_lse·softmax(z) to this shard's dz, ignored tokens included as on one device; with the
+        # global lse saved, softmax over the local columns is exactly this shard's part of it, so dh
+        # still takes the one all-reduce below and dW/db stay local.
         need = ctx.needs_input_grad
         want = (need[0], need[1], need[2] and ctx.has_bias)
-        if g_tok is None or not any(want):
+        if (g_tok is None and g_lse is None) or not any(want):
             return None, None, None, None, None
         if torch.is_grad_enabled():
             raise NotImplementedError(_UNSUPPORTED_MODE.format(mode="create_graph=True (a double backward)"))
@@ -390,9 +394,11 @@ class _VocabParallelLCE(torch.autograd.Function):
             dh, dw = torch.zeros_like(hidden), torch.zeros_like(weight)
             db = torch.zeros_like(bias) if bias is not None else None
         else:
-            dh, dw, db = cfg.op_bwd(g_tok.contiguous(), hidden, weight, bias, labels, lse, ignore_index, cfg.eps,
-                                    cfg.z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk, *want,
-                                    class_weight=cfg.class_weight)
+            g = lse.new_zeros(lse.shape) if g_tok is None else g_tok.contiguous()
+            extra = {} if g_lse is None else {"grad_lse": g_lse.contiguous()}
+            dh, dw, db = cfg.op_bwd(g, hidden, weight, bias, labels, lse, ignore_index, cfg.eps, cfg.z_loss, softcap,
+                                    logit_scale, vocab_start, vocab_total, chunk, *want,
+                                    class_weight=cfg.class_weight, **extra)
         if want[0] and cfg.reduce_dh and _world(cfg.group) > 1:
             # Megatron's lesson: sum the ranks' partial dh in fp32, not in bf16.
             acc = dh.to(_reduce_dtype(dh.dtype))
