@@ -634,3 +634,81 @@ def test_class_weight_stats_and_grad_lse(request, splits, dtype):
         mean = (got_f[0].sum() - 1e-2 * (cy * got_f[1][keep] ** 2).sum()) / cy.sum()  # without the z-loss term
         want = torch.nn.functional.cross_entropy(z, labels, weight=cw64, label_smoothing=0.1)
         torch.testing.assert_close(mean, want)
+
+
+# ------------------------------------------------------------------------------------------
+# the GPU code paths, traced with fake CUDA tensors (no GPU here)
+
+
+def _fake_cuda(*specs):
+    """Fake CUDA tensors of the given (shape, dtype), and their mode: a CPU-only torch traces with them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(allow_non_fake_inputs=False)
+    with mode:
+        return mode, [torch.empty(shape, dtype=dtype, device="cuda") for shape, dtype in specs]
+
+
+def _lower_for_cuda(fn, specs):
+    """What torch.compile(backend="inductor") does to ``fn`` on a GPU, up to code generation: trace it
+    over fake CUDA tensors with functionalization and inductor's decompositions, then run inductor's
+    lowering on the graph (which raises LoweringException for an op it cannot lower).  Returns the
+    traced graph's ops."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.graph import GraphLowering
+    from torch._inductor.virtualized import V
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    mode, args = _fake_cuda(*specs)
+    with mode:
+        gm = make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode="fake",
+                     decomposition_table=select_decomp_table())(*args)
+    with V.set_fake_mode(mode):
+        graph = GraphLowering(gm)
+        with V.set_graph_handler(graph):
+            graph.run(*args)
+    return {str(node.target) for node in gm.graph.nodes if node.op == "call_function"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_multi_chunk_dw_lowers_under_inductor_on_cuda(monkeypatch, dtype):
+    """The fused loss's bf16/fp16 weight gradient over several chunks on a GPU (the first chunk's
+    fp32-output GEMM, then vocabulary tiles added into the fp32 dW): inductor lowers its graph.
+    ``addmm`` with an out dtype functionalized to ``aten.addmm.dtype``, whose lowering raised
+    (``tuned_addmm() takes 3 positional arguments but 4 were given``), so torch.compile crashed
+    on any N > chunk."""
+    from types import SimpleNamespace
+
+    from tiedkernels.triton import cross_entropy as ce
+
+    v, d, rows = 37, 16, 8
+    monkeypatch.setattr(ce, "DW_TILE_BYTES", 10 * d * 2)  # 10 vocabulary rows per tile: 4 tiles
+    args = SimpleNamespace(v=v, d=d)
+
+    def two_chunks(dz1, h1, dz2, h2):
+        dw = ce._Args._add_dw(args, None, dz1, h1, True)
+        return ce._Args._add_dw(args, dw, dz2, h2, True)
+
+    ops = _lower_for_cuda(two_chunks, [((rows, v), dtype), ((rows, d), dtype)] * 2)
+    assert "aten.addmm.dtype" not in ops and "aten.mm.dtype" in ops, ops
+
+
+def test_dw_tiles_accumulate_in_fp32(monkeypatch):
+    """``add_dw_lowp`` without an fp32-output GEMM (older torch; and the CPU has no ``mm.dtype``):
+    each tile's product rounded once, the sum over chunks kept in fp32, every tile (the last one
+    short) added."""
+    from tiedkernels.triton import cross_entropy as ce
+
+    monkeypatch.setattr(ce, "_has_dtype_mm", lambda: False)
+
+    gen = torch.Generator().manual_seed(3)
+    v, d, rows, chunks = 37, 16, 8, 64
+    dzs = [torch.randn(rows, v, generator=gen).to(torch.bfloat16) for _ in range(chunks)]
+    hs = [torch.randn(rows, d, generator=gen).to(torch.bfloat16) for _ in range(chunks)]
+    dw = torch.zeros(v, d)
+    rounded = torch.zeros(v, d, dtype=F64)
+    for dz, h in zip(dzs, hs):
+        assert ce.add_dw_lowp(dw, dz, h, 10) is dw
+        rounded += (dz.t() @ h).double()
+    # the fp32 sum of the once-rounded tile products: only fp32 rounding on top (64 additions)
+    torch.testing.assert_close(dw.double(), rounded, rtol=1e-5, atol=1e-5)

@@ -46,7 +46,7 @@ NSTAT = 4  # partial statistics per (row, split): max, sum of exp, sum of logits
 FINISH_ROWS = 128  # rows per program of _finish_kernel
 FINISH_WARPS = 4
 INTERPRET_SMS = 1  # the "SM count" under the interpreter (each program costs Python time there)
-DW_TILE_BYTES = 32 << 20  # fallback dW accumulation (no fp32-output GEMM): vocabulary tiles of this size
+DW_TILE_BYTES = 32 << 20  # dW accumulation on a GPU after the first chunk: vocabulary tiles of dz of this size
 
 
 def row_config(dtype, v, interpret=False):
@@ -291,7 +291,7 @@ def _grad_kernel(Z, DZ, B, CW, CSUM, LAB, LSE, G, GL, v, valid, span, stride_z, 
 
 
 def _has_dtype_mm():
-    return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
+    return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
 
 
 class _Args:
@@ -488,30 +488,42 @@ class _Args:
         return loss_vec, lse, out_dh, out_dw, out_db, pred, ent
 
     def _add_dw(self, dw, dz, hc, low):
-        """dW (fp32 for low precision) = or += dz^T h_c: one GEMM with fp32 output on CUDA; on the
-        CPU (the interpreter) in fp32 (exact products); without an fp32-output GEMM, the chunk's
-        contribution rounded once per vocabulary tile, then added in fp32."""
+        """dW (fp32 for low precision) = or += dz^T h_c: on the CPU (the interpreter) in fp32 (exact
+        products); on a GPU see ``add_dw_lowp``."""
         first = dw is None
         if not low:
             if first:
                 return torch.mm(dz.t(), hc)
             return dw.addmm_(dz.t(), hc)
-        if dz.is_cuda and _has_dtype_mm():
-            if first:
-                return torch.ops.aten.mm.dtype_out(dz.t(), hc, torch.float32,
-                                                   out=torch.empty((self.v, self.d), dtype=torch.float32,
-                                                                   device=dz.device))
-            return torch.ops.aten.addmm.dtype_out(dw, dz.t(), hc, torch.float32, out=dw)
         if not dz.is_cuda:
             if first:
                 return torch.mm(dz.t().float(), hc.float())
             return dw.addmm_(dz.t().float(), hc.float())
+        if first and _has_dtype_mm():
+            return torch.ops.aten.mm.dtype(dz.t(), hc, torch.float32)
         if first:
             dw = torch.zeros((self.v, self.d), dtype=torch.float32, device=dz.device)
-        tile = max(1, DW_TILE_BYTES // max(1, self.d * dz.element_size()))
-        for v0 in range(0, self.v, tile):
-            dw[v0:v0 + tile].add_(torch.mm(dz[:, v0:v0 + tile].t(), hc))
-        return dw
+        return add_dw_lowp(dw, dz, hc, max(1, DW_TILE_BYTES // max(1, self.d * dz.element_size())))
+
+
+def add_dw_lowp(dw, dz, hc, tile):
+    """dw (fp32 [V, D]) += dz^T h_c for bf16/fp16 ``dz``, ``hc`` on a GPU, ``tile`` vocabulary rows at
+    a time: each tile's product by one GEMM with an fp32 output (fp32 accumulation, never rounded
+    to the input dtype), added into dw in fp32; without such a GEMM (older torch) the tile's product
+    is rounded once, then added in fp32.  The temporary is one tile, not a second dW.
+
+    ``aten.mm.dtype`` plus an in-place add is what inductor lowers under ``torch.compile``:
+    ``aten.addmm.dtype_out`` into dw functionalizes to ``aten.addmm.dtype``, whose lowering raises
+    (torch 2.13: ``tuned_addmm() takes 3 positional arguments but 4 were given``).  ``narrow`` rather
+    than slicing: the same graph traces with fake CUDA tensors on a CPU-only torch (the tests)."""
+    v = dw.shape[0]
+    fp32_out = _has_dtype_mm()
+    for v0 in range(0, v, tile):
+        rows = min(tile, v - v0)
+        part = dz.narrow(1, v0, rows).t()
+        prod = torch.ops.aten.mm.dtype(part, hc, torch.float32) if fp32_out else torch.mm(part, hc)
+        dw.narrow(0, v0, rows).add_(prod)
+    return dw
 
 
 def _check_grad(g, n, what):
