@@ -18,17 +18,28 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _checks_on_device(x):
+    """Whether x's range check is queued on its device (CUDA): reading the answer on the host would
+    wait for the whole stream, once per call, and fail under CUDA-graph capture."""
+    return x.device.type == "cuda"
+
+
 def check_index_range(x, n, what, ignore_index=None):
-    """IndexError naming the first value outside [0, n) (ignore_index allowed). Syncs on GPU."""
+    """Values outside [0, n) (ignore_index allowed) raise.  On the CPU (any device but CUDA) an
+    IndexError naming the first one (the host read costs nothing there); on CUDA an asynchronous
+    device-side assert naming V, with no host synchronisation."""
     if x.numel() == 0:
         return
     bad = (x < 0) | (x >= n)
     if ignore_index is not None:
         bad &= x != ignore_index
+    extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
+    if _checks_on_device(x):
+        torch._assert_async(bad.any().logical_not(), f"tiedkernels: some {what} is outside [0, V) for V={n}{extra}")
+        return
     if bool(bad.any()):
         pos = int(bad.reshape(-1).nonzero()[0, 0])
         val = int(x.reshape(-1)[pos])
-        extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
         raise IndexError(f"tiedkernels: {what} {val} at position {pos} is outside [0, V) for V={n}{extra}")
 
 
