@@ -16,6 +16,7 @@ the module is then skipped with that reason, and ``make test-triton`` (part of `
 runs it in a process of its own.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -712,3 +713,156 @@ def test_dw_tiles_accumulate_in_fp32(monkeypatch):
         rounded += (dz.t() @ h).double()
     # the fp32 sum of the once-rounded tile products: only fp32 rounding on top (64 additions)
     torch.testing.assert_close(dw.double(), rounded, rtol=1e-5, atol=1e-5)
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__")
+
+
+class _GpuPath:
+    """CPU tensors sent down the ops' GPU path (the device guard, the asynchronous index check) with
+    torch.cuda mocked: logs the device each guard, stream and event gets, the guard around each
+    kernel launch, and every host read of a tensor's value (but the check's own pinned buffer)."""
+
+    def __init__(self, monkeypatch):
+        from tiedkernels.triton import _common, cross_entropy, embedding, logits
+
+        self.guards, self.launches, self.events, self.reads, self.hosts = [], [], [], [], []
+        log = self
+
+        class Guard:
+            def __init__(self, device):
+                self.device = torch.device(device)
+
+            def __enter__(self):
+                log.guards.append(self.device)
+
+            def __exit__(self, *exc):
+                log.guards.pop()
+
+        class Event:
+            def record(self, stream):
+                log.events.append(("record", stream, list(log.guards)))
+
+            def synchronize(self):
+                log.events.append(("wait", len(log.launches)))
+
+        def pinned(n):
+            buf = torch.empty((n,), dtype=torch.int64)
+            log.hosts.append(buf)
+            return buf
+
+        def launcher(kernel):
+            real = _common.launcher(kernel)
+
+            class Grid:
+                def __getitem__(self, grid):
+                    def launch(*args, **kwargs):
+                        log.launches.append((kernel.__name__, list(log.guards)))
+                        return real[grid](*args, **kwargs)
+
+                    return launch
+
+            return Grid()
+
+        monkeypatch.setattr(_common, "on_gpu", lambda t: True)
+        monkeypatch.setattr(_common, "pinned", pinned)
+        monkeypatch.setattr(torch.cuda, "device", Guard)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: ("stream", torch.device(device)))
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+        for mod in (cross_entropy, embedding, logits):
+            monkeypatch.setattr(mod, "launcher", launcher)
+        for name in _HOST_READS:
+            real = getattr(torch.Tensor, name)
+
+            def read(t, *args, _real=real, _name=name, **kwargs):
+                if not any(t is h for h in log.hosts):
+                    log.reads.append(_name)
+                return _real(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, read)
+
+
+def _gpu_path_calls():
+    """(name, op arguments) of every op, on small CPU tensors."""
+    h, w, b, labels = core.lce_inputs(shape=(9,), bias=True, ignore=0.2)
+    h, w, b = h.detach().float(), w.detach().float(), b.detach().float()
+    n, v = h.shape[0], w.shape[0]
+    ids = labels.clamp(min=0)
+    opts = (-100, 0.1, 1e-3, 5.0, 0.9, 0, 0, 4)
+    lse = torch.logsumexp(torch.nn.functional.linear(h, w, b), 1)
+    logits = tk.logits(h, w, bias=b, softcap=5.0, backend=B)
+    return [
+        ("lce_fwd", (h, w, b, labels, torch.ones(()), *opts, True, True, True, None, True)),
+        ("lce_fwd", (h, w, b, labels, None, *opts, False, False, False)),
+        ("lce_bwd", (torch.rand(n), h, w, b, labels, lse, *opts, True, True, True, None, torch.rand(n))),
+        ("lce_stats", (h, w, b, labels, -100, 5.0, 0.9, 0, 0, 4)),
+        ("embedding_fwd", (w, ids, None)),
+        ("embedding_bwd", (h, ids, v, 2)),
+        ("embedding_bwd_acc_", (torch.zeros_like(w), h, ids, None)),
+        ("logits_fwd", (h, w, b, 0.9, 5.0)),
+        ("logits_bwd", (torch.randn_like(logits), logits, h, w, b, 0.9, 5.0, True, True, True)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(9))
+def test_gpu_path_guards_device_and_reads_nothing(monkeypatch, i):
+    """Every op launches its kernels with its tensors' device made current (Triton launches on the
+    current device and stream), queues its index check on that device's stream, and reads no
+    tensor value on the host before its kernels are queued (``flat[pos]`` with a 0-dim device
+    tensor was an ``.item()``, a full device sync, on every call); then it waits for the check's
+    own copy only, after the last launch."""
+    name, args = _gpu_path_calls()[i]
+    dev = args[0].device
+    log = _GpuPath(monkeypatch)
+    backends.get(B).op(name)(*args)
+    assert log.reads == [], f"{name} read tensor values on the host: {log.reads}"
+    assert log.launches, f"{name} launched nothing"
+    for kernel, guards in log.launches:
+        assert guards == [dev], f"{name}: {kernel} launched under the guards {guards}"
+    if name.startswith("logits"):
+        assert log.events == []
+        return
+    (_, stream, guards), (wait, launched) = log.events
+    assert stream == ("stream", dev) and guards == [dev], (stream, guards)
+    assert wait == "wait" and launched == len(log.launches), "the host waited before the op's kernels were queued"
+
+
+def test_gpu_path_still_names_the_bad_value(monkeypatch):
+    """The asynchronous check still raises the IndexError with the value, position and V."""
+    log = _GpuPath(monkeypatch)
+    h = torch.randn(6, 16)
+    w = torch.randn(37, 16)
+    labels = torch.tensor([1, 2, -100, 37, 4, 5])
+    with pytest.raises(IndexError, match=r"label 37 at position 3 is outside \[0, V\) for V=37 and is not "
+                                         r"ignore_index=-100"):
+        backends.get(B).op("lce_fwd")(h, w, None, labels, None, -100, 0.0, 0.0, 0.0, 1.0, 0, 0, 4, False, False,
+                                      False)
+    with pytest.raises(IndexError, match=r"id -3 at position 1 is outside \[0, V\) for V=37"):
+        backends.get(B).op("embedding_fwd")(w, torch.tensor([[0, -3], [40, 1]]), None)
+    assert log.reads == []
+
+
+def test_device_guard_and_record_on_fake_cuda_tensors(monkeypatch):
+    """The real pieces with fake CUDA tensors: the guard names the tensor's own device (cuda:1 here,
+    not the current one), and the check's record is built by device ops only (a host read of a
+    fake tensor's value would raise)."""
+    from tiedkernels.triton import _common
+
+    mode, (flat, on1) = _fake_cuda(((12,), torch.int64), ((3,), torch.float32))
+    with mode:
+        on1 = torch.empty((3,), device="cuda:1")
+        bad = (flat < 0) | (flat >= 7)
+        reads = []
+        for name in _HOST_READS:
+            real = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name,
+                                lambda t, *a, _r=real, _n=name, **k: reads.append(_n) or _r(t, *a, **k))
+        record = _common.device_record(flat, bad)
+        assert record.shape == (3,) and record.dtype == torch.int64 and record.device.type == "cuda"
+    assert reads == []
+    guard = _common.device_guard(on1)
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_common.device_guard(torch.ones(1)), contextlib.nullcontext)
+    with pytest.raises(RuntimeError, match=r"ids is on cpu but the weight on cuda:1"):
+        _common.same_device(on1, ids=torch.tensor([0]))

@@ -1,5 +1,6 @@
 """Shared pieces of the Triton kernels: the index check, dtypes, the softcap's tanh."""
 
+import contextlib
 import math
 import os
 
@@ -110,6 +111,32 @@ def _tracing(t):
     return _get_current_dispatch_mode() is not None
 
 
+def on_gpu(t):
+    """Whether ``t`` takes the GPU path (a CUDA tensor) rather than the interpreter's."""
+    return t.device.type == "cuda"
+
+
+def device_guard(t):
+    """Make ``t``'s device current for an op's launches: Triton launches on the current device and
+    stream, so tensors on ``cuda:1`` with device 0 current would run on the wrong GPU (the C++ side's
+    OptionalCUDAGuard).  Nothing for CPU tensors (the interpreter)."""
+    if not on_gpu(t):
+        return contextlib.nullcontext()
+    return torch.cuda.device(t.device)
+
+
+def same_device(ref, **tensors):
+    """A Triton kernel reads raw pointers: every tensor it is given must be on ``ref``'s device."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"tiedkernels: {name} is on {t.device} but the weight on {ref.device}")
+
+
+def pinned(n):
+    """A page-locked int64 host buffer: the target of an asynchronous device-to-host copy."""
+    return torch.empty((n,), dtype=torch.int64, pin_memory=True)
+
+
 class _Pending:
     """The device-side result of an index check, read by the host after the op's kernels are queued."""
 
@@ -118,6 +145,8 @@ class _Pending:
         self.host, self.event, self.what, self.n, self.extra = host, event, what, n, extra
 
     def finish(self):
+        """Wait for the check's own copy (recorded before the op's kernels, which keep the GPU busy
+        meanwhile; no stream or device synchronisation) and raise for a bad entry."""
         self.event.synchronize()
         bad, pos, val = (int(x) for x in self.host.tolist())
         if bad:
@@ -135,14 +164,22 @@ class _Done:
 _DONE = _Done()
 
 
+def device_record(flat, bad):
+    """[bad?, first bad position, its value] (int64) on ``flat``'s device, by device ops only:
+    ``flat[pos]`` with a 0-dim device tensor ``pos`` would be an ``.item()`` (a full device sync)."""
+    pos = bad.to(torch.int32).argmax().reshape(1).to(torch.int64)
+    return torch.cat([bad.any().reshape(1).to(torch.int64), pos, flat.gather(0, pos).to(torch.int64)])
+
+
 def check_indices(x, n, what, ignore_index=None):
     """Ids/labels must lie in [0, n) (or equal ignore_index); IndexError names the first bad one.
 
-    CPU (the interpreter): checked right away.  CUDA: a few small kernels find the first bad
-    entry and copy (position, value) to pinned host memory; the caller queues its own kernels
-    (which never read out of bounds: a bad entry yields NaN) and then calls ``finish()``,
-    which waits for the copy only, and raises.  Skipped while tracing or capturing a CUDA
-    graph (no host read is possible there), and everywhere when TIEDKERNELS_CHECK_INDICES=0;
+    CPU (the interpreter): checked right away.  CUDA (call it under ``device_guard(x)``): a few
+    small kernels find the first bad entry and copy (bad?, position, value) to pinned host memory,
+    with an event on ``x``'s stream; the caller queues its own kernels (which never read out of
+    bounds: a bad entry yields NaN) and then calls ``finish()``, which waits for that copy only,
+    and raises.  No host read before the kernels are queued.  Skipped while tracing or capturing
+    a CUDA graph (no host read is possible there), and everywhere when TIEDKERNELS_CHECK_INDICES=0;
     the NaN marks the bad token then.
     """
     if x.numel() == 0 or os.environ.get("TIEDKERNELS_CHECK_INDICES", "1") == "0" or _tracing(x):
@@ -152,7 +189,7 @@ def check_indices(x, n, what, ignore_index=None):
     bad = (flat < 0) | (flat >= n)
     if ignore_index is not None:
         bad &= flat != ignore_index
-    if flat.device.type != "cuda":
+    if not on_gpu(flat):
         if bool(bad.any()):
             pos = int(bad.nonzero()[0, 0])
             raise IndexError(f"tiedkernels: {what} {int(flat[pos])} at position {pos} is outside [0, V) for V={n}"
@@ -160,10 +197,9 @@ def check_indices(x, n, what, ignore_index=None):
         return _DONE
     if torch.cuda.is_current_stream_capturing():
         return _DONE
-    pos = bad.to(torch.int32).argmax()
-    record = torch.stack([bad.any().to(torch.int64), pos.to(torch.int64), flat[pos].to(torch.int64)])
-    host = torch.empty((3,), dtype=torch.int64, pin_memory=True)
+    record = device_record(flat, bad)
+    host = pinned(3)
     host.copy_(record, non_blocking=True)
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(flat.device))
     return _Pending(record, host, event, what, n, extra)

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import check_indices, interpreted, launcher, softcap_args, stat_dtype, tanh
+from ._common import (check_indices, device_guard, interpreted, launcher, same_device, softcap_args, stat_dtype,
+                      tanh)
 
 # The row kernels' launch rules (also read by plan.py).
 PROGRAMS_PER_SM = 4  # wanted programs per SM for the row kernels (at least 2 fill it)
@@ -312,6 +313,7 @@ class _Args:
             raise RuntimeError(f"tiedkernels: bias {tuple(bias.shape)} does not match weight {tuple(weight.shape)}")
         if vocab_start < 0:
             raise RuntimeError("tiedkernels: vocab_start must be >= 0")
+        same_device(weight, hidden=hidden, bias=bias, labels=labels)
         has_cap, cap, inv_cap = softcap_args(softcap)
         self.n, self.d = hidden.shape
         self.v = weight.shape[0]
@@ -542,17 +544,18 @@ def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
               vocab_total, chunk_size, class_weight)
     if grad_scale is not None:
         _check_grad(grad_scale, a.n, "grad scale")
-    pending = a.check_labels()
     grads = grad_scale is not None
-    loss_vec, lse, dh, dw, db, pred, ent = a.run("fwd", grad_scale, None, grads and compute_dh,
-                                                 grads and compute_dw, grads and compute_db,
-                                                 return_stats=return_stats)
-    if grads:
-        gs = grad_scale.to(a.sdt)
-        loss = loss_vec.sum() * gs if gs.dim() == 0 else (loss_vec * gs).sum()
-    else:
-        loss = loss_vec
-    pending.finish()
+    with device_guard(hidden):
+        pending = a.check_labels()
+        loss_vec, lse, dh, dw, db, pred, ent = a.run("fwd", grad_scale, None, grads and compute_dh,
+                                                     grads and compute_dw, grads and compute_db,
+                                                     return_stats=return_stats)
+        if grads:
+            gs = grad_scale.to(a.sdt)
+            loss = loss_vec.sum() * gs if gs.dim() == 0 else (loss_vec * gs).sum()
+        else:
+            loss = loss_vec
+        pending.finish()
     return loss, lse, dh, dw, db, pred, ent
 
 
@@ -569,10 +572,11 @@ def lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         raise RuntimeError(f"tiedkernels: lse must be [N] = [{a.n}], got {tuple(lse.shape)}")
     if grad_lse is not None and grad_lse.shape != (a.n,):
         raise RuntimeError(f"tiedkernels: grad_lse must be [N] = [{a.n}], got {tuple(grad_lse.shape)}")
-    pending = a.check_labels()
-    dh, dw, db = a.run("bwd", grad_loss, lse.to(a.sdt).contiguous(), compute_dh, compute_dw, compute_db,
-                       grad_lse=grad_lse)
-    pending.finish()
+    with device_guard(hidden):
+        pending = a.check_labels()
+        dh, dw, db = a.run("bwd", grad_loss, lse.to(a.sdt).contiguous(), compute_dh, compute_dw, compute_db,
+                           grad_lse=grad_lse)
+        pending.finish()
     return dh, dw, db
 
 
@@ -582,9 +586,10 @@ def lce_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
               chunk_size: int, class_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     a = _Args(hidden, weight, bias, labels, ignore_index, 0.0, 0.0, softcap, logit_scale, vocab_start, vocab_total,
               chunk_size, class_weight)
-    pending = a.check_labels()
-    out = a.run("stats")
-    pending.finish()
+    with device_guard(hidden):
+        pending = a.check_labels()
+        out = a.run("stats")
+        pending.finish()
     return out
 
 

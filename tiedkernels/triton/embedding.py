@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import check_indices, launcher, tl_acc
+from ._common import check_indices, device_guard, launcher, same_device, tl_acc
 
 BT = 16  # tokens per program (gather, atomic scatter)
 BD = 128  # columns per program
@@ -73,10 +73,11 @@ def _scatter_atomic_kernel(IDS, G, OUT, BAD, T, D, V, pad, stride_gt, stride_ov,
     ids = tl.load(IDS + t, mask=t < T, other=-1).to(tl.int64)
     ok = (t < T) & (ids >= 0) & (ids < V) & (ids != pad)
     if has_bad:
-        ok = ok & (tl.load(BAD) == 0)
+        ok = ok & (tl.load(BAD + t * 0) == 0)  # per lane: scalar & vector is no bool mask in the interpreter
     m2 = ok[:, None] & (dd < D)[None, :]
     g = tl.load(G + t[:, None].to(tl.int64) * stride_gt + dd[None, :], mask=m2, other=0.0)
-    tl.atomic_add(OUT + ids[:, None] * stride_ov + dd[None, :].to(tl.int64) * stride_od, g, mask=m2)
+    # relaxed: a sum needs no ordering against other memory (the default, acq_rel, fences each add)
+    tl.atomic_add(OUT + ids[:, None] * stride_ov + dd[None, :].to(tl.int64) * stride_od, g, mask=m2, sem="relaxed")
 
 
 def _scatter_into(out, grad, ids, padding_idx, bad=None):
@@ -108,23 +109,27 @@ def _scatter_into(out, grad, ids, padding_idx, bad=None):
 @triton_op("tiedkernels::triton_embedding_fwd", mutates_args=())
 def embedding_fwd(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
     v, d = weight.shape
-    pending = check_indices(ids, v, "id")
-    flat = ids.reshape(-1).contiguous()
-    t = flat.numel()
-    out = weight.new_empty((t, d))
-    if t > 0 and d > 0:
-        launcher(_gather_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
-            weight, flat, out, t, d, v, weight.stride(0), weight.stride(1), BT=BT, BD=BD, num_warps=NUM_WARPS)
-    pending.finish()
+    same_device(weight, ids=ids)
+    with device_guard(weight):
+        pending = check_indices(ids, v, "id")
+        flat = ids.reshape(-1).contiguous()
+        t = flat.numel()
+        out = weight.new_empty((t, d))
+        if t > 0 and d > 0:
+            launcher(_gather_kernel)[(triton.cdiv(t, BT), triton.cdiv(d, BD))](
+                weight, flat, out, t, d, v, weight.stride(0), weight.stride(1), BT=BT, BD=BD, num_warps=NUM_WARPS)
+        pending.finish()
     return out.view(*ids.shape, d)
 
 
 @triton_op("tiedkernels::triton_embedding_bwd", mutates_args=())
 def embedding_bwd(grad: torch.Tensor, ids: torch.Tensor, num_weights: int, padding_idx: Optional[int]) -> torch.Tensor:
-    pending = check_indices(ids, num_weights, "id")
-    out = grad.new_zeros((num_weights, grad.shape[-1]))
-    _scatter_into(out, grad, ids, padding_idx, pending.record)
-    pending.finish()
+    same_device(grad, ids=ids)
+    with device_guard(grad):
+        pending = check_indices(ids, num_weights, "id")
+        out = grad.new_zeros((num_weights, grad.shape[-1]))
+        _scatter_into(out, grad, ids, padding_idx, pending.record)
+        pending.finish()
     return out
 
 
@@ -133,9 +138,11 @@ def embedding_bwd_acc_(grad_weight: torch.Tensor, grad: torch.Tensor, ids: torch
                        padding_idx: Optional[int]) -> None:
     if grad.dtype != grad_weight.dtype:
         raise ValueError(f"tiedkernels: gradient dtype {grad.dtype} does not match the weight's {grad_weight.dtype}")
-    pending = check_indices(ids, grad_weight.shape[0], "id")
-    _scatter_into(grad_weight, grad, ids, padding_idx, pending.record)
-    pending.finish()
+    same_device(grad_weight, grad=grad, ids=ids)
+    with device_guard(grad_weight):
+        pending = check_indices(ids, grad_weight.shape[0], "id")
+        _scatter_into(grad_weight, grad, ids, padding_idx, pending.record)
+        pending.finish()
 
 
 OPS = (embedding_fwd, embedding_bwd, embedding_bwd_acc_,)

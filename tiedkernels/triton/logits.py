@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import launcher, softcap_args, stat_dtype, tanh, tl_acc
+from ._common import device_guard, launcher, same_device, softcap_args, stat_dtype, tanh, tl_acc
 
 BLOCK = 1024  # elements per program (4 warps: 8 per thread)
 NUM_WARPS = 4
@@ -45,11 +45,13 @@ def logits_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     d = weight.shape[1]
     h2 = hidden.reshape(-1, d)
     has_cap, cap, inv_cap = softcap_args(softcap)
-    z = torch.addmm(bias, h2, weight.t()) if bias is not None else torch.mm(h2, weight.t())
-    if (logit_scale != 1.0 or has_cap) and z.numel() > 0:
-        launcher(_transform_kernel)[(triton.cdiv(z.numel(), BLOCK),)](
-            z, z.numel(), float(logit_scale), cap, inv_cap, has_cap=int(has_cap), ACC=tl_acc(z.dtype), BLOCK=BLOCK,
-            num_warps=NUM_WARPS)
+    same_device(weight, hidden=hidden, bias=bias)
+    with device_guard(weight):
+        z = torch.addmm(bias, h2, weight.t()) if bias is not None else torch.mm(h2, weight.t())
+        if (logit_scale != 1.0 or has_cap) and z.numel() > 0:
+            launcher(_transform_kernel)[(triton.cdiv(z.numel(), BLOCK),)](
+                z, z.numel(), float(logit_scale), cap, inv_cap, has_cap=int(has_cap), ACC=tl_acc(z.dtype),
+                BLOCK=BLOCK, num_warps=NUM_WARPS)
     return z.view(*hidden.shape[:-1], weight.shape[0])
 
 
@@ -61,12 +63,14 @@ def logits_bwd(grad: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor, w
     g = grad.reshape(-1, v).contiguous()
     dz = g
     has_cap, _, inv_cap = softcap_args(softcap)
+    same_device(weight, grad=grad, logits=logits if has_cap else None)
     if (logit_scale != 1.0 or has_cap) and g.numel() > 0:
         dz = torch.empty_like(g)
         z = logits.reshape(-1, v).contiguous() if has_cap else g
-        launcher(_transform_bwd_kernel)[(triton.cdiv(g.numel(), BLOCK),)](
-            g, z, dz, g.numel(), float(logit_scale), inv_cap, has_cap=int(has_cap), ACC=tl_acc(g.dtype), BLOCK=BLOCK,
-            num_warps=NUM_WARPS)
+        with device_guard(g):
+            launcher(_transform_bwd_kernel)[(triton.cdiv(g.numel(), BLOCK),)](
+                g, z, dz, g.numel(), float(logit_scale), inv_cap, has_cap=int(has_cap), ACC=tl_acc(g.dtype),
+                BLOCK=BLOCK, num_warps=NUM_WARPS)
     h2 = hidden.reshape(-1, d)
     dh = torch.mm(dz, weight).view(hidden.shape) if compute_dh else hidden.new_empty((0,))
     dw = torch.mm(dz.t(), h2) if compute_dw else weight.new_empty((0,))
