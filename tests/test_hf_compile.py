@@ -152,6 +152,31 @@ def test_compiled_return_logits_gives_the_stock_logits():
     assert compiled(**b).logits is None
 
 
+def test_compiled_tuple_and_dict_outputs_agree():
+    # Compiled, the logits entry leaves both forms the same way (logits=None in the dict, which
+    # to_tuple() drops; no element in the tuple), so the positions agree and no logits stay in the graph.
+    stock, model = stock_and_patched("llama")
+    b = batch("llama", stock)
+    cap = Capture()
+    compiled = torch.compile(model, fullgraph=True, backend=cap.backend)
+    tup, dic = compiled(**b, return_dict=False), compiled(**b)
+    ref = stock(**b, return_dict=False)
+    assert dic.logits is None
+    dic = dic.to_tuple()
+    assert type(tup) is tuple and len(tup) == len(dic) == len(ref) - 1
+    for form in (tup, dic):
+        torch.testing.assert_close(form[0], ref[0], **TOL)
+        assert [type(x) for x in form[1:]] == [type(x) for x in ref[2:]]
+    layers = [(tup[1].layers[i], dic[1].layers[i], ref[2].layers[i]) for i in range(len(ref[2].layers))]
+    assert layers
+    for lt, ld, lr in layers:
+        for name in ("keys", "values"):
+            torch.testing.assert_close(getattr(lt, name), getattr(lr, name), **TOL)
+            torch.testing.assert_close(getattr(ld, name), getattr(lr, name), **TOL)
+    assert "tiedkernels.lce_fwd.default" in cap.targets()
+    assert cap.vocab_values(VOCAB) == []
+
+
 @pytest.mark.parametrize("arch", ["bert", "bart"])
 def test_compiled_models_that_build_cross_entropy_loss_modules(arch):
     # These models call ``CrossEntropyLoss()(logits, labels)``. Dynamo turns a CrossEntropyLoss built

@@ -1,9 +1,10 @@
 """tiedkernels.hf.patch / unpatch on tiny models of every supported architecture.
 
 Models are built in float64 with identical weights; the stock model is a deep copy taken before
-patching. Tolerances: the stock causal-LM loss (``ForCausalLMLoss``) upcasts the logits with
-``.float()``, i.e. it rounds them to float32 (relative error 2**-24 ≈ 6e-8 per logit) while the fused
-loss stays in float64; for logits of size O(1) and losses O(5) that bounds loss and gradient
+patching. ``pair`` puts both in training mode, where the patched loss fuses (every dropout is 0, so the
+two modes compute the same values; eval mode runs the stock forward: tests/test_hf_eval.py).
+Tolerances: the stock causal-LM loss (``ForCausalLMLoss``) upcasts the logits with ``.float()``, i.e. it
+rounds them to float32 (relative error 2**-24 ≈ 6e-8 per logit) while the fused loss stays in float64; for logits of size O(1) and losses O(5) that bounds loss and gradient
 differences by ~1e-6, hence atol=1e-6/rtol=1e-6 there. The other heads (BERT, T5, BART) compute
 the stock loss in float64: 1e-10 there.
 """
@@ -17,6 +18,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import tiedkernels.hf as tkhf  # noqa: E402
+from tiedkernels.hf._lazy import LazyLogits  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
 from _hf_testing import ARCHS, CAUSAL, SCALED, batch, build  # noqa: E402
 
@@ -28,7 +30,7 @@ def tol(arch):
 
 
 def pair(arch, **kw):
-    stock = build(arch, **kw)
+    stock = build(arch, **kw).train()
     model = copy.deepcopy(stock)
     tkhf.patch(model)
     return stock, model
@@ -101,7 +103,7 @@ def test_fused_loss_and_every_gradient_equal_stock(arch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback to materialized logits
         out = model(**b)
-    assert out.logits is None
+    assert isinstance(out.logits, LazyLogits)  # never built
     out.loss.backward()
     torch.testing.assert_close(out.loss.double(), ref.loss.double(), **tol(arch))
     grads = dict(stock.named_parameters())
@@ -123,10 +125,12 @@ def test_return_logits_flag(arch):
     out = model(**b, return_logits=True)
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out.loss, ref.loss, atol=1e-12, rtol=1e-12)
+    assert type(out.logits) is torch.Tensor
     tkhf.patch(model, return_logits=True)
-    assert model(**b).logits is not None
+    assert type(model(**b).logits) is torch.Tensor
+    assert isinstance(model(**b, return_logits=False).logits, LazyLogits)
     tkhf.patch(model, fused_loss=False)
-    assert model(**b).logits is not None
+    assert type(model(**b).logits) is torch.Tensor
     # without labels the logits are always there and equal
     nb = {k: v for k, v in b.items() if k != "labels"}
     if arch in ("t5", "bart"):
@@ -136,13 +140,14 @@ def test_return_logits_flag(arch):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_tuple_output(arch):
+    # The logits keep their position, unbuilt (tests/test_hf_eval.py compares every position).
     stock, model = pair(arch)
     b = batch(arch, stock)
     ref = stock(**b, return_dict=False)
     out = model(**b, return_dict=False)
-    assert isinstance(out, tuple)
+    assert type(out) is tuple and len(out) == len(ref)
     torch.testing.assert_close(out[0], ref[0], **tol(arch))
-    assert not any(type(o).__name__ == "LazyLogits" for o in out)
+    assert isinstance(out[1], LazyLogits) and not any(isinstance(o, LazyLogits) for o in out[2:])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma2"])
@@ -225,6 +230,29 @@ def test_materializing_fallback_is_exact_and_warns():
     torch.testing.assert_close(got, torch.softmax(real, -1), atol=0, rtol=0)
 
 
+def test_logits_of_a_training_step_are_built_exactly_when_read_and_refused_after_a_step(monkeypatch):
+    """``out.logits`` of a fused training step is the placeholder: reading it builds the stock logits
+    (Gemma 2's recorded softcap included) with one warning; once an optimizer step changed the weight
+    in place, reading it, or taking a loss from it, raises instead of using the new weight."""
+    from tiedkernels.hf import _lazy
+
+    monkeypatch.setattr(_lazy, "_warned", set())
+    stock, model = pair("gemma2")
+    b = batch("gemma2", stock)
+    ref, out = stock(**b), model(**b)
+    out.loss.backward()
+    with pytest.warns(UserWarning, match="softmax on the logits of a patched model builds the full logits"):
+        probs = torch.softmax(out.logits, -1)
+    torch.testing.assert_close(probs, torch.softmax(ref.logits, -1), atol=1e-12, rtol=1e-12)
+    assert type(probs) is torch.Tensor
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    v = stock.config.vocab_size
+    for read in (lambda lg: lg.argmax(-1), lambda lg: torch.nn.functional.cross_entropy(lg.view(-1, v),
+                                                                                       b["labels"].view(-1))):
+        with pytest.raises(RuntimeError, match="changed since that forward"):
+            read(out.logits)
+
+
 @pytest.mark.parametrize("arch", SCALED)
 def test_logit_scaling_is_applied(arch):
     stock, model = pair(arch)
@@ -251,7 +279,7 @@ def test_bfloat16_model_is_at_least_as_accurate_as_stock(arch):
     """bf16 weights: the fused loss accumulates in float32 where stock BERT/BART take the cross-entropy
     of bf16 logits. Against the float64 loss of the same weights, the patched bf16 loss is as close
     as the stock bf16 loss, up to 1e-4 (the bf16 body both share dominates for the causal models)."""
-    s64 = build(arch, vocab=512)
+    s64 = build(arch, vocab=512).train()
     b = batch(arch, s64, seq=16)
     ref = s64(**b).loss.item()
     s16 = copy.deepcopy(s64).to(torch.bfloat16)
@@ -261,7 +289,7 @@ def test_bfloat16_model_is_at_least_as_accurate_as_stock(arch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = p16(**b)
-    assert out.logits is None and out.loss.dtype == torch.float32
+    assert isinstance(out.logits, LazyLogits) and out.loss.dtype == torch.float32
     assert abs(out.loss.item() - ref) <= abs(stock_loss.item() - ref) + 1e-4
     out.loss.backward()
     w = p16.get_input_embeddings().weight
@@ -279,7 +307,7 @@ def test_deepcopy_of_a_patched_model_is_patched_on_its_own_weights():
     assert twin.forward.__self__ is twin
     b = batch("llama", stock)
     out = twin(**b)
-    assert out.logits is None
+    assert isinstance(out.logits, LazyLogits)
     torch.testing.assert_close(out.loss, stock(**b).loss, **tol("llama"))
     tkhf.unpatch(twin)
     assert tkhf.is_patched(model) and not tkhf.is_patched(twin)

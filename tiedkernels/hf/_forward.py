@@ -1,4 +1,13 @@
-"""The patched model's forward: with ``labels`` the output layer returns ``LazyLogits`` and the loss fuses."""
+"""The patched model's forward: in training mode with ``labels`` the output layer returns ``LazyLogits``
+and the loss fuses; in eval mode the stock forward runs and returns the real logits.
+
+What the caller gets is stock's output, position by position, in the tuple and the dict form alike:
+in eager training mode the logits entry holds the ``LazyLogits`` itself (the exact stock logits are built
+the first time anything else reads it, with one warning), so ``model(..., return_dict=False)`` equals
+``model(...).to_tuple()`` as it does for the stock model. Under ``torch.compile`` the entry is dropped
+from both forms the same way (``logits=None`` in the dict, no element in the tuple): a traced output
+would keep the logits in the graph and lose the compiled step's saving.
+"""
 
 import functools
 import warnings
@@ -10,19 +19,19 @@ from ._modules import HFTiedOutput
 from ._state import _STATE
 
 
-def _strip_lazy(output):
-    if output is None:
-        return output
+def _drop_traced(output):
+    """``output`` without its ``TracedLazyLogits`` entries: removed from a tuple, ``None`` in a
+    ``ModelOutput`` (whose ``to_tuple()`` then leaves it out), so the two forms still agree."""
     if isinstance(output, tuple):
-        return type(output)(None if isinstance(o, LazyLogits) else o for o in output) \
-            if type(output) is tuple else output
+        if type(output) is not tuple:
+            return output
+        return tuple(o for o in output if not isinstance(o, LazyLogits))
     try:
         keys = list(output.keys())
     except AttributeError:
         return output
     if any(isinstance(output[k], LazyLogits) for k in keys):
-        cls = type(output)
-        return cls(**{k: output[k] for k in keys if not isinstance(output[k], LazyLogits)})
+        return type(output)(**{k: output[k] for k in keys if not isinstance(output[k], LazyLogits)})
     return output
 
 
@@ -44,7 +53,9 @@ def _patched_forward(self, *args, **kwargs):
     labels = kwargs.get("labels")
     if labels is None and st.labels_pos is not None and len(args) > st.labels_pos:
         labels = args[st.labels_pos]
-    lazy = st.fused_loss and labels is not None and not rl
+    # Only a training step fuses. In eval mode the caller reads the logits (Trainer.evaluate hands
+    # them to compute_metrics): the stock forward runs, real logits and the stock loss.
+    lazy = st.fused_loss and self.training and labels is not None and not rl
     out_mod = self.get_output_embeddings()
     if not isinstance(out_mod, HFTiedOutput):
         lazy = False
@@ -63,9 +74,11 @@ def _patched_forward(self, *args, **kwargs):
         out_mod.__dict__["lazy"] = prev
         if hook is not None:
             hook.remove()
-    if not calls and not compiling:
+    if compiling:
+        return _drop_traced(output)
+    if not calls:
         _warn_unfused(self)
-    return _strip_lazy(output)
+    return output
 
 
 _warned_unfused = set()

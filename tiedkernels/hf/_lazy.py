@@ -1,4 +1,5 @@
-"""Logits that are never built: what the patched output layer returns while a model computes its loss.
+"""Logits that are never built: what the patched output layer returns while a model computes its loss
+in a training step, and what that step hands back as its logits.
 
 A Hugging Face forward with ``labels`` does ``logits = lm_head(hidden)``, maybe a few cheap
 elementwise steps (``/ cap``, ``tanh``, ``* cap`` for Gemma 2, ``+ final_logits_bias`` for BART,
@@ -8,7 +9,11 @@ then ``F.cross_entropy`` (directly, through ``CrossEntropyLoss`` or through the 
 those steps and, when ``F.cross_entropy`` is called on it, runs the fused projection +
 cross-entropy on the hidden states with the recorded bias, scale and softcap. Any other use
 (an operation it does not know) builds the real logits exactly as the stock model would and
-carries on, with one warning: never a wrong value, at worst the memory of the stock model.
+carries on, with one warning: never a wrong value, at worst the memory of the stock model. The
+patched forward returns it in the output (``out.logits``, or its place in the tuple), so the logits
+are built only if the caller reads them; once the weight, the bias or the hidden states have changed
+in place since the forward (an optimizer step), they can no longer be built exactly, and reading them
+raises instead.
 
 Under ``torch.compile`` a storage-less wrapper cannot be traced, so ``lazy_logits`` returns a
 ``TracedLazyLogits`` instead: the real logits (``F.linear`` of the hidden states, a graph node)
@@ -66,7 +71,7 @@ class LazyLogits(torch.Tensor):
     """``[*, V]`` logits of ``head`` applied to ``hidden``, followed by ``ops``, with no storage."""
 
     @staticmethod
-    def __new__(cls, hidden, out, ops=(), dtype=None):
+    def __new__(cls, hidden, out, ops=(), dtype=None, stamp=None):
         v = out.weight.shape[0]
         shape = (*hidden.shape[:-1], v)
         r = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype or hidden.dtype, device=hidden.device,
@@ -74,11 +79,28 @@ class LazyLogits(torch.Tensor):
         r._hidden = hidden
         r._out = out
         r._ops = tuple(ops)
+        # What the logits are computed from, each with its version counter when the forward made them:
+        # kept by every recorded step, checked before anything is computed from them. (A tensor made
+        # under inference_mode has no version counter.)
+        r._stamp = stamp if stamp is not None else (out.weight, out.bias, tuple(
+            (t, t._version) for t in (out.weight, out.bias, hidden) if t is not None and not t.is_inference()))
         return r
 
     def _with(self, hidden=None, op=None, dtype=None, real=None):
         ops = self._ops + ((op,) if op is not None else ())
-        return LazyLogits(self._hidden if hidden is None else hidden, self._out, ops, dtype=dtype or self.dtype)
+        return LazyLogits(self._hidden if hidden is None else hidden, self._out, ops, dtype=dtype or self.dtype,
+                          stamp=self._stamp)
+
+    def _check_unchanged(self):
+        """Raise when the weight, the bias or the hidden states are no longer what the forward read
+        (replaced, or changed in place, e.g. by an optimizer step): the stock logits of that forward
+        cannot be built from them any more."""
+        weight, bias, versions = self._stamp
+        if self._out.weight is not weight or self._out.bias is not bias or any(t._version != v for t, v in versions):
+            raise RuntimeError("tiedkernels.hf: these logits of a patched model's training step were not built, and "
+                               "the output weight, bias or hidden states changed since that forward (e.g. an "
+                               "optimizer step), so they cannot be built exactly any more; read the logits before "
+                               "changing the model, or call the model with return_logits=True")
 
     def __repr__(self, *, tensor_contents=None):
         return f"LazyLogits(shape={tuple(self.shape)}, dtype={self.dtype}, ops={[o[0] for o in self._ops]})"
@@ -86,6 +108,7 @@ class LazyLogits(torch.Tensor):
     # -- building the real thing --------------------------------------------------------
     def materialize(self):
         """The logits exactly as the stock model computes them."""
+        self._check_unchanged()
         out = self._out
         t = out.real_forward(self._hidden)
         for kind, val in self._ops:
@@ -143,6 +166,7 @@ class LazyLogits(torch.Tensor):
         opts = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
         if isinstance(self, TracedLazyLogits):
             return self.fused_loss(target, opts)
+        self._check_unchanged()
         # Through the output layer's own call: whatever gathers its parameters around a module's
         # forward and backward (DeepSpeed ZeRO-3's hooks) sees the loss read them.
         return self._out(self._hidden, _lazy_loss=(self, target, opts))
@@ -175,12 +199,12 @@ class LazyLogits(torch.Tensor):
         res = _try_lazy(func, args, kwargs)
         if res is not NotImplemented:
             return res
+        args, kwargs = _materialize_all(args), _materialize_all(kwargs)  # raises where they cannot be built
         name = getattr(func, "__name__", str(func))
         if name not in _warned and not torch.compiler.is_compiling():
             _warned.add(name)
             warnings.warn(f"tiedkernels.hf: {name} on the logits of a patched model builds the full logits "
                           "(the result is exact, the memory saving is lost for this call)", stacklevel=3)
-        args, kwargs = _materialize_all(args), _materialize_all(kwargs)
         return func(*args, **kwargs)
 
 
