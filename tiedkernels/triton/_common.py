@@ -87,6 +87,22 @@ def tanh(x):
     return r
 
 
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` as ``dtype``, rounded to nearest even as torch rounds.  bf16 by hand: a GPU's
+    conversion rounds to nearest, but the interpreter's truncates (toward zero, and flushes
+    subnormals wrongly), which biases every stored gradient down by up to an ulp and sums to
+    several ulps in a bias gradient.  Adding 0x7FFF plus the kept lowest bit carries into the top
+    16 bits exactly as rounding to nearest even does; those bits are the bf16 (NaN kept a NaN)."""
+    if dtype == tl.bfloat16:
+        if x.dtype == tl.float32:
+            bits = x.to(tl.uint32, bitcast=True)
+            up = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+            top = tl.where(x != x, (bits >> 16) | 0x40, up)  # a NaN stays a NaN (quiet bit set)
+            return top.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
 def softcap_args(softcap):
     """(has_cap, cap, 1/cap) of a softcap value: 0 disables it, and so does +inf, its limit
     (c tanh(z / c) -> z), which would otherwise evaluate inf * tanh(0) = NaN."""

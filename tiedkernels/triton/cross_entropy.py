@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import (check_indices, device_guard, interpreted, launcher, same_device, softcap_args, stat_dtype,
-                      tanh)
+from ._common import (check_indices, device_guard, interpreted, launcher, round_to, same_device, softcap_args,
+                      stat_dtype, tanh)
 
 # The row kernels' launch rules (also read by plan.py).
 PROGRAMS_PER_SM = 4  # wanted programs per SM for the row kernels (at least 2 fill it)
@@ -288,7 +288,7 @@ def _grad_kernel(Z, DZ, B, CW, CSUM, LAB, LSE, G, GL, v, valid, span, stride_z, 
         dz = dz * scale
         dz = tl.where(live & keep, dz, 0.0)
         dz = tl.where(live & bad, float("nan"), dz)
-        tl.store(drow + cols, dz.to(DZ.dtype.element_ty), mask=cmask)
+        tl.store(drow + cols, round_to(dz, DZ.dtype.element_ty), mask=cmask)
 
 
 def _has_dtype_mm():

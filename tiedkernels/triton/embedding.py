@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import check_indices, device_guard, launcher, same_device, tl_acc
+from ._common import check_indices, device_guard, launcher, round_to, same_device, tl_acc
 
 BT = 16  # tokens per program (gather, atomic scatter)
 BD = 128  # columns per program
@@ -60,7 +60,7 @@ def _scatter_sorted_kernel(SORTED, PERM, RUN_START, RUN_END, G, OUT, BAD, T, D, 
             acc += tl.load(G + src * stride_gt + dd, mask=dmask, other=0.0).to(ACC)
         dst = OUT + row * stride_ov + dd.to(tl.int64) * stride_od
         old = tl.load(dst, mask=dmask, other=0.0)
-        tl.store(dst, (old.to(ACC) + acc).to(old.dtype), mask=dmask)
+        tl.store(dst, round_to(old.to(ACC) + acc, old.dtype), mask=dmask)
 
 
 @triton.jit(do_not_specialize=["has_bad"])

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from ._common import device_guard, launcher, same_device, softcap_args, stat_dtype, tanh, tl_acc
+from ._common import device_guard, launcher, round_to, same_device, softcap_args, stat_dtype, tanh, tl_acc
 
 BLOCK = 1024  # elements per program (4 warps: 8 per thread)
 NUM_WARPS = 4
@@ -23,7 +23,7 @@ def _transform_kernel(Z, numel, scale, softcap, inv_softcap, has_cap, ACC: tl.co
     x = z.to(ACC) * scale
     if has_cap:
         x = softcap * tanh(x * inv_softcap)
-    tl.store(Z + offs, x.to(z.dtype), mask=mask)
+    tl.store(Z + offs, round_to(x, z.dtype), mask=mask)
 
 
 @triton.jit(do_not_specialize=["has_cap"])
@@ -36,7 +36,7 @@ def _transform_bwd_kernel(G, Z, OUT, numel, scale, inv_softcap, has_cap, ACC: tl
     if has_cap:
         t = tl.load(Z + offs, mask=mask, other=0.0).to(ACC) * inv_softcap
         x = x * (1.0 - t * t)
-    tl.store(OUT + offs, x.to(g.dtype), mask=mask)
+    tl.store(OUT + offs, round_to(x, g.dtype), mask=mask)
 
 
 @triton_op("tiedkernels::triton_logits_fwd", mutates_args=())
