@@ -12,8 +12,14 @@ in ``extra_info``: the shape, the median of CUDA-event timings (``cuda_ms``), th
 over 6·N·D·V flops (``tflops``), the peak memory above the inputs (``peak_mib``) and, for the
 cuda and triton backends, the cost model's roofline at this GPU's SM count (``roofline_ms``).
 Skipped by a marker without a GPU (evaluated at setup, never at import or collection).
+``TIEDKERNELS_TEST_GPU_BACKENDS`` (default ``cuda,triton``) limits the tiedkernels backends timed: the
+device check times only ``triton`` when the CUDA build failed.  When ``GPU_CHECK_BENCH`` names a
+file, each case appends its ``extra_info`` there as one JSON line as soon as it is timed, so a
+run cut short keeps the cases that finished (pytest-benchmark's JSON is written only at the end).
 """
 
+import json
+import os
 import statistics
 
 import pytest
@@ -29,6 +35,7 @@ SHAPES = {
     "32k": (2048, 2048, 32_768),
 }
 ROUNDS = 10
+GPU_BACKENDS = os.environ.get("TIEDKERNELS_TEST_GPU_BACKENDS", "cuda,triton").split(",")
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))
@@ -77,6 +84,10 @@ def _run(benchmark, shape, provider, step):
     benchmark.extra_info["peak_mib"] = round(peak / 2**20, 1)
     benchmark.extra_info["device"] = torch.cuda.get_device_name()
     benchmark.extra_info["roofline_ms"] = _roofline_ms(provider, n, d, v)
+    stream = os.environ.get("GPU_CHECK_BENCH")
+    if stream:
+        with open(stream, "a") as f:
+            f.write(json.dumps({"group": benchmark.group, **benchmark.extra_info}) + "\n")
 
     def timed():
         step()
@@ -133,6 +144,8 @@ def test_gemm3(benchmark, shape, inputs):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_tiedkernels(benchmark, shape, inputs, backend):
+    if backend not in GPU_BACKENDS:
+        pytest.skip(f"backend {backend!r} is not in TIEDKERNELS_TEST_GPU_BACKENDS={','.join(GPU_BACKENDS)}")
     reason = tk.backends.why_not(backend, "cuda")
     if reason is not None:
         pytest.skip(f"backend {backend!r}: {reason}")
