@@ -66,15 +66,13 @@ def test_embedding_output_takes_in_place_ops(backend, padding_idx):
 
 transformers = pytest.importorskip("transformers")
 
-from tiedkernels.hf import _patch  # noqa: E402
+from tiedkernels.hf import _forward, _patch  # noqa: E402
 from _hf_testing import ZOO_MAPPINGS, build_zoo, zoo_batch, zoo_check, zoo_entries  # noqa: E402
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 # Architectures that patch refuses by name although they tie, with a word of the reason it must give.
 REFUSED = {
-    # an nn.Embedding subclass with an extra Parameter (the end-of-image row) and a forward that writes it
-    "t5gemma2": "eoi_embedding",
     # I-BERT's QuantEmbedding is not an nn.Embedding (it quantizes its weight); tied on transformers v4
     "ibert": "QuantEmbedding",
 }
@@ -149,19 +147,36 @@ def _state(model):
 
 
 @pytest.mark.skipif(not hasattr(transformers, "T5Gemma2ForConditionalGeneration"), reason="T5Gemma2 is v5 only")
-def test_t5gemma2_refused_by_name_and_left_as_it_was():
-    model = build_zoo("t5gemma2", "T5Gemma2ForConditionalGeneration")
-    twin = copy.deepcopy(model)
-    before = _state(model)
-    keys = list(model.state_dict())
-    assert any(k.endswith("eoi_embedding") for k in keys)
-    with pytest.raises(TypeError, match="T5Gemma2TextScaledWordEmbedding holds eoi_embedding"):
-        _patch.patch(model)
-    assert not _patch.is_patched(model)
-    assert _state(model) == before and list(model.state_dict()) == keys
-    b = zoo_batch(model, "seq2seq")
+def test_t5gemma2_end_of_image_rows_as_stock():
+    """T5Gemma2's input embedding writes ``eoi_embedding`` (a Parameter of its own, tied between
+    encoder and decoder) at every ``eoi_token_index``: the head carries it under its name, computes
+    it, and its gradient equals stock's. The zoo batches never draw that id: this one does."""
+    stock = build_zoo("t5gemma2", "T5Gemma2ForConditionalGeneration")
     with torch.no_grad():
-        torch.testing.assert_close(model(**b).logits, twin(**b).logits, atol=0, rtol=0)
+        for n, p in stock.named_parameters():
+            if n.endswith("eoi_embedding"):
+                p.normal_(generator=torch.Generator().manual_seed(5))  # zero at init: make it matter
+    model = _patch.patch(copy.deepcopy(stock))
+    assert list(model.state_dict()) == list(stock.state_dict())
+    emb = model.get_input_embeddings()
+    eoi = emb.eoi_token_index
+    assert 0 <= eoi < emb.weight.shape[0] and emb.eoi_embedding is dict(model.named_parameters())[
+        next(n for n, _ in stock.named_parameters() if n.endswith("eoi_embedding"))]
+    b = zoo_batch(stock, "seq2seq")
+    b["input_ids"][0, 2] = b["input_ids"][1, 5] = eoi
+    for m in (stock, model):
+        m.train()
+    ref, out = stock(**b), model(**b)
+    ref.loss.backward()
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, atol=1e-6, rtol=1e-5)
+    grads = dict(stock.named_parameters())
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n].grad, atol=1e-6, rtol=1e-5, msg=n)
+    assert emb.eoi_embedding.grad.abs().sum() > 0
+    ids = b["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(emb(ids), stock.get_input_embeddings()(ids), atol=0, rtol=0)
 
 
 def test_patch_failing_late_leaves_the_model_as_it_was(monkeypatch):
@@ -204,9 +219,10 @@ def test_top_level_tie_wins_over_the_text_sub_config(model_type, class_name):
 
 
 def test_mobilebert_says_its_loss_does_not_fuse():
-    stock = build_zoo("mobilebert", "MobileBertForMaskedLM")
+    # training mode: only a training step fuses (eval mode runs the stock forward, nothing to say)
+    stock = build_zoo("mobilebert", "MobileBertForMaskedLM").train()
     model = _patch.patch(copy.deepcopy(stock))
-    _patch._warned_unfused.clear()
+    _forward._warned_unfused.clear()
     b = zoo_batch(model, "masked")
     with pytest.warns(UserWarning, match="MobileBertForMaskedLM does not call its output embeddings"):
         out = model(**b)

@@ -60,14 +60,14 @@ def _wants_tie(model):
     return any(mapping.get(t) in sources for t in targets)
 
 
-# parameters and buffers an embedding may hold that ``HFTiedEmbedding`` carries over
-_KNOWN_PARAMS = {"weight"}
+# parameters and buffers an embedding may hold that ``HFTiedEmbedding`` carries over and computes with
+_KNOWN_PARAMS = {"weight", "eoi_embedding"}
 _KNOWN_BUFFERS = {"embed_scale"}
 
 
 def _check_embedding(model, inp, head):
     """Refuse, by name, an input embedding that ``HFTiedEmbedding`` would not reproduce exactly: one
-    holding parameters or buffers it does not carry (T5Gemma2's ``eoi_embedding``), or whose forward
+    holding parameters or buffers it does not compute with, or whose forward
     gives other values than the head's on a probe of ids (every id of a small vocabulary; else the
     first and last ids and the token indices the module names, e.g. ``eoi_token_index``)."""
     name = type(inp).__name__
@@ -102,7 +102,7 @@ def _check_embedding(model, inp, head):
 class _Snapshot:
     """Everything ``patch`` may change, to put back as it was when patching fails: each module's
     submodules, parameters and buffers (the objects, no copies), the config flags, the model's own
-    attributes. ``patch`` is all-or-nothing."""
+    attributes and load hooks. ``patch`` is all-or-nothing."""
 
     def __init__(self, model):
         self.model = model
@@ -111,6 +111,7 @@ class _Snapshot:
                        if k in m.__dict__}) for m in model.modules()]
         self.configs = [(c, c.__dict__.get("tie_word_embeddings", _MISSING)) for c in _all_configs(model.config)]
         self.attrs = {k: model.__dict__.get(k, _MISSING) for k in ("forward", _STATE, "all_tied_weights_keys")}
+        self.load_hooks = dict(model._load_state_dict_pre_hooks)
 
     def restore(self):
         for m, mods, params, bufs, attrs in self.mods:
@@ -128,6 +129,8 @@ class _Snapshot:
                 self.model.__dict__.pop(k, None)
             else:
                 self.model.__dict__[k] = v
+        self.model._load_state_dict_pre_hooks.clear()
+        self.model._load_state_dict_pre_hooks.update(self.load_hooks)
 
 
 _MISSING = object()
@@ -180,9 +183,11 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     returns ``logits=None`` (pass ``return_logits=True`` to ``patch`` or to one forward call to get
     the logits and the stock loss instead). Idempotent: patching again only updates the options.
 
-    A model whose config does not tie its word embeddings is refused, unless ``force_tie=True``
-    (for training from scratch: the output side then uses the input embedding's weight, as
-    ``tie_word_embeddings=True`` would have done at construction).
+    A model whose config does not tie its word embeddings is refused, and so is one whose input and
+    output weights are separate tensors that are not equal copies (a checkpoint that stores its own
+    output layer, e.g. T5 v1.1), whatever the config says; equal copies are tied. ``force_tie=True``
+    ties either anyway (for training from scratch: the output side then uses the input embedding's
+    weight, as ``tie_word_embeddings=True`` would have done at construction).
     """
     snap = _Snapshot(model)
     try:
@@ -208,6 +213,7 @@ def _patch(model, *, backend, fused_loss, return_logits, force_tie):
         # modules_to_save=["lm_head"] leaves plain modules): patch what is there now.
         model.__dict__.pop("forward", None)
         del model.__dict__[_STATE]
+        _remove_load_check(model)
     config = model.config
     major = transformers_major()
     if major < 5 and getattr(config, "torchscript", False):
@@ -216,9 +222,9 @@ def _patch(model, *, backend, fused_loss, return_logits, force_tie):
     if not _wants_tie(model):
         if not force_tie:
             raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__} has tie_word_embeddings=False in its "
-                             "config: its input and output embeddings are separate weights, so there is nothing "
-                             "to tie. Pass force_tie=True to tie them (training from scratch: the output side "
-                             "takes the input embedding's weight)")
+                             f"config: its input and output embeddings are separate weights{_weight_names(model)}, "
+                             "so there is nothing to tie. Pass force_tie=True to tie them (training from scratch: "
+                             "the output side takes the input embedding's weight)")
         for c in _text_configs(config):
             if hasattr(c, "tie_word_embeddings") or c is config:
                 c.tie_word_embeddings = True
@@ -237,6 +243,8 @@ def _patch(model, *, backend, fused_loss, return_logits, force_tie):
                         f"{type(inp).__name__} and {type(out).__name__} (is the model already wrapped, e.g. by PEFT? "
                         "patch the base model, or patch again after merge_and_unload)")
     if out.weight is not inp.weight:
+        if not force_tie:
+            _check_copies(model, inp.weight, out.weight)
         model.tie_weights()
         out = model.get_output_embeddings()
         if out.weight is not inp.weight:
@@ -257,7 +265,72 @@ def _patch(model, *, backend, fused_loss, return_logits, force_tie):
     model.forward = types.MethodType(forward_like(type(model).forward), model)
     _tie(model)
     _check_tied(model)
+    model.register_load_state_dict_pre_hook(_check_loaded_copies)
     return model
+
+
+def _param_name(model, p):
+    return next((n for n, q in model.named_parameters(remove_duplicate=False) if q is p), "(unregistered)")
+
+
+def _weight_names(model):
+    """`` (output NAME, input NAME)`` for a message, or nothing where the model has no such pair."""
+    try:
+        inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+        return f" (output {_param_name(model, out.weight)}, input {_param_name(model, inp.weight)})"
+    except Exception:  # noqa: BLE001 - no embeddings: the message goes without names
+        return ""
+
+
+def _check_copies(model, w_in, w_out):
+    """Whether two separate input and output weights may be tied: only when they are equal copies,
+    decided from the tensors and not the config. A checkpoint that stores its own output layer (T5
+    v1.1, Flan-T5: ``T5Config`` says ``tie_word_embeddings=True`` on transformers v5) is loaded by
+    ``from_pretrained`` as a tensor of its own, and the stock model computes with it; tying would drop
+    that trained layer and change every logit, so it is refused.
+
+    Meta tensors hold no values yet: there transformers' own decision stands (the caller has checked
+    it ties), as it does for stock in that flow. accelerate's ``init_empty_weights`` gives every
+    registration a fresh meta tensor, so a tied model always looks untied there, and the user ties
+    it (``tie_weights()``) before loading. The values that come later are checked when they come: a
+    state dict holding two different copies of the tied weight is refused at load
+    (``_check_loaded_copies``)."""
+    if w_in.device.type == "meta" or w_out.device.type == "meta":
+        return
+    if w_in.shape != w_out.shape or w_in.dtype != w_out.dtype or w_in.device != w_out.device \
+            or not same_values(w_in, w_out):
+        raise ValueError(f"tiedkernels.hf.patch: {type(model).__name__}'s output weight {_param_name(model, w_out)} "
+                         f"and input embedding weight {_param_name(model, w_in)} are separate tensors with "
+                         "different values (e.g. a checkpoint that stores its own output layer, as T5 v1.1 and "
+                         "Flan-T5 do: the stock model computes its logits with it, whatever the config's "
+                         "tie_word_embeddings says). Tying them would replace the trained output layer, so the "
+                         "model is not patched. Pass force_tie=True to tie them anyway (the output side then "
+                         "takes the input embedding's weight)")
+
+
+def _check_loaded_copies(model, state_dict, prefix, *args):
+    """``load_state_dict`` pre-hook of a patched model: every name of the tied weight present in the
+    state dict must hold the same values, or loading would keep one of them and silently drop the
+    other (a separately stored output layer loaded into a model tied before its values came, e.g.
+    built under ``init_empty_weights``)."""
+    w = model.get_input_embeddings().weight
+    names = [prefix + n for n, p in model.named_parameters(remove_duplicate=False) if p is w]
+    present = [n for n in names if state_dict.get(n) is not None]
+    for n in present[1:]:
+        a, b = state_dict[present[0]], state_dict[n]
+        if a.device.type == "meta" or b.device.type == "meta" or a.data_ptr() == b.data_ptr() and a.shape == b.shape:
+            continue
+        if a.shape != b.shape or not same_values(a, b.to(a.device)):
+            raise ValueError(f"tiedkernels.hf: the state dict holds {present[0]} and {n} with different values, but "
+                             f"{type(model).__name__} is patched and ties them into one weight: loading would "
+                             "keep one and drop the other (a separately stored output layer). Unpatch, or load "
+                             "one copy")
+
+
+def _remove_load_check(model):
+    for k, h in list(model._load_state_dict_pre_hooks.items()):
+        if getattr(h, "hook", h) is _check_loaded_copies:
+            del model._load_state_dict_pre_hooks[k]
 
 
 def _check_tied(model):
@@ -282,6 +355,9 @@ def unpatch(model):
     for name, buf in head._buffers.items():
         if name in inp._buffers:
             inp._buffers[name] = buf
+    for name, p in head._parameters.items():  # T5Gemma2's eoi_embedding (to_empty re-creates it)
+        if name not in ("weight", "bias") and name in inp._parameters:
+            inp._parameters[name] = p
     out.weight = w
     out.out_features, out.in_features = w.shape
     bias = getattr(out_now, "bias", None) if isinstance(out_now, HFTiedOutput) else head.output_embeddings.bias
@@ -290,5 +366,6 @@ def unpatch(model):
     _install(model, inp, out)
     model.__dict__.pop("forward", None)
     del model.__dict__[_STATE]
+    _remove_load_check(model)
     _tie(model)
     return model
