@@ -1,14 +1,21 @@
 """The GPU backends (``cuda`` and ``triton``) on CUDA tensors, against the fp64 reference on
 the CPU: the core's option tables (tests/test_ops.py) in fp32 and bf16, the embedding's
 deterministic path, bad ids and labels (an IndexError, and the CUDA context still works),
-CUDA graph capture, torch.compile tracing into the kernels, opcheck, and 64-bit offsets.
+CUDA graph capture, torch.compile tracing into the kernels (inductor, bf16, several chunks, the
+weight gradient), opcheck, no host synchronisation, tensors on a second GPU, NaN logits with
+``return_stats``, and 64-bit offsets inside the kernels.
 
 Skipped by a marker when no GPU is present; the condition is a string, so pytest evaluates
-it when each test is set up, never at import or collection.
+it when each test is set up, never at import or collection.  ``TIEDKERNELS_TEST_GPU_BACKENDS``
+(default ``cuda,triton``) picks the backends: the device check runs the file once per backend,
+and the triton one even when the CUDA build failed.
 """
+
+import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import tiedkernels as tk
 from tiedkernels import backends
@@ -19,7 +26,7 @@ from tolerances import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif("not torch.cuda.is_available()", reason="needs a CUDA GPU")
 
-GPU_BACKENDS = ["cuda", "triton"]
+GPU_BACKENDS = os.environ.get("TIEDKERNELS_TEST_GPU_BACKENDS", "cuda,triton").split(",")
 LOWP = [torch.float32, torch.bfloat16]
 LOWP_IDS = ["fp32", "bf16"]
 F64 = torch.float64
@@ -237,32 +244,329 @@ def test_torch_compile_fullgraph(backend):
 
 
 # ------------------------------------------------------------------------------------------
-# 64-bit offsets
+# no host synchronisation, a second GPU, inductor, NaN logits
+
+
+def _inputs(dtype, device, n=300, d=96, v=5000):
+    """Small inputs drawn on the CPU (the same values on every device): weight, hidden, bias, labels
+    (every 7th ignored), ids (the first 20 equal: a run for the sorted embedding backward)."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(v, d, generator=gen) * 0.05).to(dtype)
+    h = torch.randn(n, d, generator=gen).to(dtype)
+    b = (torch.randn(v, generator=gen) * 0.1).to(dtype)
+    y = torch.randint(0, v, (n,), generator=gen)
+    y[::7] = -100
+    ids = torch.randint(0, v, (n,), generator=gen)
+    ids[:20] = 5
+    return [x.to(device) for x in (w, h, b, y, ids)]
+
+
+def _seed_like(t):
+    """An incoming gradient computed from the output itself: no random draw on the device."""
+    return torch.sin(t.detach().float() * 3.0 + 0.5).to(t.dtype)
+
+
+def _every_op(backend, w, h, b, y, ids):
+    """Every op forward and backward: the embedding (padding_idx), logits with bias, scale and
+    softcap, the fused loss as a scalar with gradients (gradient-in-forward, three chunks, with
+    return_lse), per token (recompute in backward), without a gradient, and with return_stats.
+    Returns every output and gradient, in order."""
+    wl, hl, bl = (x.detach().requires_grad_() for x in (w, h, b))
+    out = []
+    e = tk.embedding(ids, wl, padding_idx=3, backend=backend)
+    out += [e, *torch.autograd.grad(e, [wl], _seed_like(e))]
+    z = tk.logits(hl, wl, bias=bl, logit_scale=0.7, softcap=20.0, backend=backend)
+    out += [z, *torch.autograd.grad(z, [hl, wl, bl], _seed_like(z))]
+    opts = dict(bias=bl, label_smoothing=0.1, z_loss=1e-4, chunk_size=128, backend=backend)
+    loss, lse = tk.linear_cross_entropy(hl, wl, y, return_lse=True, **opts)
+    out += [loss, lse, *torch.autograd.grad(loss, [hl, wl, bl])]
+    tok = tk.linear_cross_entropy(hl, wl, y, reduction="none", **opts)
+    out += [tok, *torch.autograd.grad(tok, [hl, wl, bl], _seed_like(tok))]
+    with torch.no_grad():
+        out.append(tk.linear_cross_entropy(hl, wl, y, **opts))
+    stats = tk.linear_cross_entropy(hl, wl, y, return_stats=True, **opts)
+    out += [*stats, *torch.autograd.grad(stats.loss, [hl, wl, bl])]
+    return out
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
+def test_no_host_sync(backend, dtype):
+    """No op synchronises the host with the device (DESIGN: no ``.item()``, ``.cpu()``, ``bool`` of a
+    CUDA tensor or data-dependent shape in the hot path): under ``set_sync_debug_mode("error")``
+    any of them raises.  The ops run once before, outside the mode, so that what a first call may
+    synchronise for once (a Triton kernel's compile and autotuning, cuBLAS handles, the caching
+    allocator growing) is excluded.  The index check's wait for its own pinned copy is an event
+    wait, which the mode does not count (README: one host wait per op, after the kernels are queued)."""
+    inputs = _inputs(dtype, "cuda")
+    _every_op(backend, *inputs)
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = _every_op(backend, *inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(t.float()).all() for t in out if t.is_floating_point())
+
+
+def _check_like(out, ref64, base, dtype, device, what):
+    """Each output on ``device`` and within the dtype's rule of the fp64 results (low precision:
+    against the error of ``base``, the same kernels' results elsewhere); integers equal."""
+    assert len(out) == len(ref64) == len(base)
+    for i, (o, r, lp) in enumerate(zip(out, ref64, base)):
+        assert o.device == torch.device(device), f"{what} output {i} is on {o.device}, not {device}"
+        if not o.is_floating_point():
+            assert torch.equal(o.cpu(), lp.cpu()), f"{what} output {i}"
+        else:
+            assert_close(o.cpu(), r.cpu(), lp.cpu(), dtype=dtype, name=f"{what} output {i}")
+
+
+@pytest.mark.skipif("torch.cuda.device_count() < 2", reason="needs a second GPU")
+@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
+def test_second_gpu_while_the_first_is_current(backend, dtype):
+    """Tensors on cuda:1 while cuda:0 is the current device: every op launches on the tensors'
+    device (a launch on the current one reads memory of another GPU: an illegal address, or a
+    race with the other device's stream), the results are those of cuda:0, and a bad label or id
+    is still reported (the index check's event must be recorded on the tensors' device, or the
+    host reads its copy too early)."""
+    cpu = _inputs(dtype, "cpu")
+    ref64 = _every_op("torch", *(x.double() if x.is_floating_point() else x for x in cpu))
+    with torch.cuda.device(0):
+        on0 = _every_op(backend, *(x.to("cuda:0") for x in cpu))
+        dev1 = [x.to("cuda:1") for x in cpu]
+        on1 = _every_op(backend, *dev1)
+        w, h, _, y, ids = dev1
+        bad = y.clone()
+        bad[-1] = w.shape[0] + 3
+        with pytest.raises(IndexError, match=rf"label {w.shape[0] + 3} at position {y.numel() - 1} is outside"):
+            tk.linear_cross_entropy(h, w, bad, backend=backend)
+        bad_ids = ids.clone()
+        bad_ids[-1] = -2
+        with pytest.raises(IndexError, match=rf"id -2 at position {ids.numel() - 1} is outside"):
+            tk.embedding(bad_ids, w, backend=backend)
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0
+    _check_like(on1, ref64, on0, dtype, "cuda:1", backend)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_inductor_bf16_chunks_weight_grad(backend, reduction):
+    """A bf16 training step, embedding + fused loss over four chunks with the tied weight's
+    gradient, under ``torch.compile(backend="inductor", fullgraph=True)`` against the same step
+    eager: the multi-chunk dW accumulation (an fp32-output GEMM) must lower, and give eager's
+    accuracy.  Both against fp64, eager within the bf16 rule of plain PyTorch in bf16, compiled
+    within it of eager."""
+    n, d, v, chunk = 200, 64, 1000, 64
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(v, d, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    x = torch.randn(n, d, generator=gen).to(torch.bfloat16).cuda()
+    ids = torch.randint(0, v, (n,), generator=gen).cuda()
+    labels = torch.randint(0, v, (n,), generator=gen).cuda()
+    labels[::9] = -100
+    gtok = torch.randn(n, generator=gen).cuda()
+
+    def step(w_, x_):
+        h = tk.embedding(ids, w_, backend=backend) + x_
+        loss = tk.linear_cross_entropy(h, w_, labels, reduction=reduction, chunk_size=chunk, backend=backend)
+        return loss if reduction == "mean" else (loss * gtok).sum()
+
+    def plain(w_, x_, tokens=False):
+        h = F.embedding(ids, w_) + x_
+        tok = R.linear_cross_entropy(h, w_, labels, reduction="none")
+        if tokens:
+            return tok
+        return tok.sum() / (labels != -100).sum() if reduction == "mean" else (tok * gtok.to(tok.dtype)).sum()
+
+    def run(fn, dtype):
+        wl, xl = (t.detach().to(dtype).requires_grad_() for t in (w, x))
+        loss = fn(wl, xl)
+        return [loss, *torch.autograd.grad(loss, [wl, xl])]
+
+    ref = run(plain, F64)
+    lowp = run(plain, torch.bfloat16)
+    eager = run(step, torch.bfloat16)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(step, backend="inductor", fullgraph=True), torch.bfloat16)
+    # the scalar's baseline: plain bf16's per-token errors, weighted as the scalar sums them (no luck
+    # of cancellation)
+    tok_err = (plain(w.to(torch.bfloat16), x, True).double() - plain(w.double(), x.double(), True)).abs()
+    weights = 1.0 / (labels != -100).sum() if reduction == "mean" else gtok.double().abs()
+    base = (float((tok_err * weights).sum()),) * 2
+    for got, against in ((eager, lowp), (compiled, eager)):
+        assert_close(got[0], ref[0], dtype=torch.bfloat16, base=base, name="loss")
+        for name, g, r, lp in zip(("dW", "dx"), got[1:], ref[1:], against[1:]):
+            assert_close(g, r, lp, dtype=torch.bfloat16, name=f"{name} ({'compiled' if got is compiled else 'eager'})")
+
+
+def test_nan_logits_return_stats(backend):
+    """A NaN in one row of ``hidden`` makes that row's logits NaN.  With return_stats, per token and
+    as a mean with gradients: PyTorch's values (the fp64 reference on the same inputs): that row's
+    loss, lse, z-loss and entropy NaN and its prediction torch.argmax's (0: the first NaN), an
+    ignored NaN row's loss 0 and its lse NaN; every other row within fp32's tolerance, its
+    prediction equal; the mean loss and dW NaN, dh NaN in those two rows only (the ignored one too:
+    PyTorch's log_softmax backward gives 0 · NaN there)."""
+    n, d, v = 37, 32, 300
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=gen)
+    w = torch.randn(v, d, generator=gen) * 0.5
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[[2, 6]] = -100
+    h[5, 3] = float("nan")  # a labelled row
+    h[6, 0] = float("nan")  # an ignored row
+    opts = dict(z_loss=1e-4, label_smoothing=0.1)
+    for reduction in ("none", "mean"):
+        hl, wl = h.cuda().requires_grad_(), w.cuda().requires_grad_()
+        stats = tk.linear_cross_entropy(hl, wl, labels.cuda(), reduction=reduction, return_stats=True,
+                                        backend=backend, **opts)
+        h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+        loss64, ref = R.linear_cross_entropy(h64, w64, labels, reduction=reduction, return_stats=True, **opts)
+        if reduction == "none":
+            assert torch.isnan(stats.loss[5]).item() and stats.loss[6].item() == 0.0
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[[5, 6]] = False
+            assert torch.isfinite(stats.loss.cpu()[keep]).all()
+        else:
+            assert torch.isnan(stats.loss).item()
+        assert torch.isnan(stats.lse[[5, 6]]).all().item() and torch.isnan(stats.entropy[[5, 6]]).all().item()
+        assert_close(stats.loss.cpu(), loss64, dtype=torch.float32, name=f"loss ({reduction})")
+        for field in ("lse", "z_loss", "accuracy", "entropy"):
+            assert_close(getattr(stats, field).cpu(), ref[field], dtype=torch.float32, name=f"{field} ({reduction})")
+        assert torch.equal(stats.predictions.cpu(), ref["predictions"]), "predictions"
+        if reduction == "mean":
+            dh, dw = torch.autograd.grad(stats.loss, [hl, wl])
+            rh, rw = torch.autograd.grad(loss64, [h64, w64])
+            others = [i for i in range(n) if i not in (5, 6)]
+            assert_close(dh.cpu()[others], rh[others], dtype=torch.float32, name="dh (finite rows)")
+            assert torch.isnan(dh[5]).all().item(), "dh of the labelled NaN row"
+            assert torch.isnan(dh[6]).all().item(), ("dh of the ignored NaN row: PyTorch's is NaN (log_softmax's "
+                                                     "backward multiplies its zero incoming gradient by NaN)")
+            assert torch.isnan(dw).all().item() and torch.isnan(rw).all().item(), "dW: NaN, as PyTorch's"
+
+
+# ------------------------------------------------------------------------------------------
+# 64-bit offsets inside the kernels.  Peak memory per test, under 80 GB (one H100): V·D, 17 GB
+# (a 4.3 GB bf16 weight, the 8.6 GB fp32 dW accumulator and its 4.3 GB bf16 result; then the
+# embedding's gradient); N·V, 13 GB (one chunk of 2.16e9 logits: 4.3 GB in bf16, 8.6 GB where a
+# backend keeps fp32 logits, and a bf16 dz beside those).
+
+BIG_D = 8192
+BIG_V = (1 << 31) // BIG_D + 3  # 262,147 rows of 8,192: V·D just above 2^31, row 262,144 starts at 2^31
+_SPECIAL = [0, 1000, BIG_V // 2, BIG_V - 3, BIG_V - 2, BIG_V - 1]
+_ZERO_ROWS = [5, (1 << 31) // BIG_D - 1, (1 << 31) // BIG_D, BIG_V - 4]  # a label's, around 2^31, the last
 
 
 @pytest.mark.slow
-def test_64_bit_offsets(backend):
-    """N*V >= 2^31 (logits elements) and V*D >= 2^31 (weight elements), bf16, against the
-    chunked plain-PyTorch backend on the same device."""
-    torch.manual_seed(0)
-    v, d, n = 131_072, 16_400, 64  # V*D = 2.15e9
-    w = (torch.randn(v, d, device="cuda", dtype=torch.bfloat16) * 0.01)
-    h = torch.randn(n, d, device="cuda", dtype=torch.bfloat16)
-    labels = torch.randint(0, v, (n,), device="cuda")
-    labels[0] = v - 1
-    out = tk.linear_cross_entropy(h, w, labels, reduction="none", backend=backend)
-    ref = tk.linear_cross_entropy(h, w, labels, reduction="none", backend="torch")
-    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
-    e = tk.embedding(labels, w, backend=backend)
-    assert torch.equal(e[0], w[v - 1])
-    del w, h
-    v2, d2, n2 = 70_001, 64, 32_768  # N*V = 2.29e9
-    w2 = torch.randn(v2, d2, device="cuda", dtype=torch.bfloat16) * 0.1
-    h2 = torch.randn(n2, d2, device="cuda", dtype=torch.bfloat16)
-    y2 = torch.randint(0, v2, (n2,), device="cuda")
-    out2 = tk.linear_cross_entropy(h2, w2, y2, reduction="none", backend=backend)
-    ref2 = tk.linear_cross_entropy(h2, w2, y2, reduction="none", backend="torch")
-    torch.testing.assert_close(out2, ref2, rtol=2e-3, atol=2e-3)
+def test_vocab_times_dim_beyond_int32(backend):
+    """V·D > 2^31 elements of a bf16 weight, zero but for a few rows (some past offset 2^31): the
+    fused loss with dh and dW (gradient-in-forward), and the embedding's gather and scatter of rows
+    past 2^31, against the exact fp64 answer (a zero row's logit is exactly 0, so the reference
+    needs only the special rows and their count).  The bf16 baseline is plain PyTorch on the same
+    tensors; its dW GEMM is taken over the checked rows only (the others are not compared)."""
+    gen = torch.Generator().manual_seed(1)
+    special = (torch.randn(len(_SPECIAL), BIG_D, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    h0 = (torch.randn(3, BIG_D, generator=gen) * 0.05).to(torch.bfloat16).cuda()
+    w = torch.zeros(BIG_V, BIG_D, dtype=torch.bfloat16, device="cuda")
+    w[_SPECIAL] = special
+    labels = torch.tensor([BIG_V - 1, BIG_V - 3, 5], device="cuda")  # two special rows past 2^31, one zero row
+    g = 1.7
+    h, wl = h0.clone().requires_grad_(), w.requires_grad_()
+    loss, lse = tk.linear_cross_entropy(h, wl, labels, reduction="sum", return_lse=True, backend=backend)
+    dh, dw = torch.autograd.grad(loss, [h, wl], torch.tensor(g, device="cuda"))
+    rows = _SPECIAL + _ZERO_ROWS
+    dw_rows = dw[rows].cpu()
+    del dw
+    # the exact answer, in fp64
+    hd, sd = h0.double().cpu(), special.double().cpu()
+    z = hd @ sd.t()  # [3, 6]: the special rows' logits; every other logit is 0
+    zeros = BIG_V - len(_SPECIAL)
+    lse_ref = torch.logsumexp(torch.cat([z, torch.full((3, 1), float(zeros), dtype=F64).log()], 1), 1)
+    zrows = torch.zeros(3, len(rows), dtype=F64)
+    zrows[:, : len(_SPECIAL)] = z
+    onehot = torch.tensor([[float(int(y) == r) for r in rows] for y in labels.cpu()], dtype=F64)
+    p = torch.exp(zrows - lse_ref[:, None])  # softmax of the checked rows
+    dz_rows = g * (p - onehot)
+    loss_ref = (lse_ref - (zrows * onehot).sum(1)).sum()
+    dh_ref = g * (torch.exp(z - lse_ref[:, None]) @ sd) - g * (onehot[:, : len(_SPECIAL)] @ sd)
+    dw_ref = dz_rows.t() @ hd
+    # plain PyTorch in bf16 on the same tensors
+    zl = F.linear(h0, w.detach()).requires_grad_()
+    tok_lp = F.cross_entropy(zl.float(), labels, reduction="none")
+    (dz_lp,) = torch.autograd.grad(tok_lp.sum(), [zl], torch.tensor(g, device="cuda"))
+    assert dz_lp.dtype == torch.bfloat16
+    dh_lp = dz_lp @ w.detach()
+    dw_lp = dz_lp[:, rows].t() @ h0
+    lse_lp = torch.logsumexp(zl.detach().float(), 1)
+    tok_err = float((tok_lp.detach().double().cpu() - (lse_ref - (zrows * onehot).sum(1))).abs().sum())
+    assert_close(lse.cpu(), lse_ref, lse_lp.cpu(), dtype=torch.bfloat16, name="lse")
+    assert_close(loss.cpu(), loss_ref, dtype=torch.bfloat16, base=(tok_err, tok_err), name="loss")
+    assert_close(dh.cpu(), dh_ref, dh_lp.cpu(), dtype=torch.bfloat16, name="dh")
+    assert_close(dw_rows, dw_ref, dw_lp.cpu(), dtype=torch.bfloat16, name="dW (checked rows)")
+    # the embedding: gather rows past 2^31, scatter (the bf16 sorted path) into them
+    ids = torch.tensor([BIG_V - 1, 0, BIG_V - 2, BIG_V - 1], device="cuda")
+    e = tk.embedding(ids, wl, backend=backend)
+    assert torch.equal(e, w.detach()[ids])
+    ge = torch.randn(4, BIG_D, device="cuda").to(torch.bfloat16)
+    (gw,) = torch.autograd.grad(e, [wl], ge)
+    assert torch.equal(gw[0], ge[1]) and torch.equal(gw[BIG_V - 2], ge[2])
+    assert not gw[_ZERO_ROWS].any()
+    both = ge[[0, 3]].double().sum(0).cpu()
+    assert_close(gw[BIG_V - 1].cpu(), both, (ge[0] + ge[3]).cpu(), dtype=torch.bfloat16, name="embedding dW row V-1")
+    del gw, e, w, wl
+    torch.cuda.empty_cache()
+
+
+N_BIG, V_BIG, D_SMALL = 33_000, 65_536, 8  # N·V = 2.16e9 > 2^31 in one chunk of N rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_tokens_times_vocab_beyond_int32_in_one_chunk(backend, reduction):
+    """One chunk of N rows whose logits hold N·V > 2^31 elements (chunk_size=N: the default chunk is
+    D rows, far below), so the row kernels address logits past 2^31 within a launch: the scalar loss
+    with dh and dW (gradient-in-forward) and the per-token loss with its backward (recomputed).
+    Only the first 64 and the last 192 rows carry labels (the last ones past row 2^31 / V = 32,768);
+    the fp64 reference and the bf16 baseline (plain PyTorch) are computed for those rows alone."""
+    gen = torch.Generator().manual_seed(3)
+    h0 = torch.randn(N_BIG, D_SMALL, generator=gen).to(torch.bfloat16).cuda()
+    w0 = (torch.randn(V_BIG, D_SMALL, generator=gen) * 0.5).to(torch.bfloat16).cuda()
+    labels = torch.full((N_BIG,), -100, device="cuda")
+    live = torch.cat([torch.arange(0, 64), torch.arange(N_BIG - 192, N_BIG)]).cuda()
+    labels[live] = torch.randint(0, V_BIG, (len(live),), generator=gen).cuda()
+    labels[-1] = V_BIG - 1
+    gtok = torch.randn(N_BIG, generator=gen).cuda()
+    opts = dict(label_smoothing=0.1, reduction=reduction)
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    out, lse = tk.linear_cross_entropy(h, w, labels, return_lse=True, chunk_size=N_BIG, backend=backend, **opts)
+    seed = torch.tensor(1.7, device="cuda") if reduction == "sum" else gtok
+    dh, dw = torch.autograd.grad(out, [h, w], seed)
+    dead = torch.ones(N_BIG, dtype=torch.bool, device="cuda")
+    dead[live] = False
+    assert not dh[dead].any(), "an ignored row got a gradient"
+    dh_live, lse_live = dh[live].cpu(), lse[live].cpu()
+    tok_live = out[live].cpu() if reduction == "none" else None
+    loss = out.cpu() if reduction == "sum" else None
+    del out, lse, dh, h
+    yl = labels[live]
+    g_live = seed if reduction == "sum" else gtok[live]
+
+    def plain(dtype):
+        hl, wl = (t.detach().to(dtype).requires_grad_() for t in (h0[live], w0))
+        tok, lse_ = R.linear_cross_entropy(hl, wl, yl, return_lse=True, label_smoothing=0.1, reduction="none")
+        total = (tok * g_live.to(tok.dtype)).sum()
+        return [t.detach().cpu() for t in (tok, lse_, *torch.autograd.grad(total, [hl, wl]))]
+
+    ref, lowp = plain(F64), plain(torch.bfloat16)
+    assert_close(lse_live, ref[1], lowp[1], dtype=torch.bfloat16, name="lse")
+    if reduction == "none":
+        assert_close(tok_live, ref[0], lowp[0], dtype=torch.bfloat16, name="loss per token")
+    else:
+        tok_err = float((lowp[0].double() - ref[0]).abs().sum())
+        assert_close(loss, ref[0].sum(), dtype=torch.bfloat16, base=(tok_err, tok_err), name="loss")
+    assert_close(dh_live, ref[2], lowp[2], dtype=torch.bfloat16, name="dh")
+    assert_close(dw.cpu(), ref[3], lowp[3], dtype=torch.bfloat16, name="dW")
+    del dw, w
+    torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------
@@ -277,6 +581,8 @@ def test_cost_model_launch_plan_matches_the_profile():
 
     from tiedkernels import gpu_report
 
+    if "cuda" not in GPU_BACKENDS:
+        pytest.skip(f"the cuda backend is not in TIEDKERNELS_TEST_GPU_BACKENDS={','.join(GPU_BACKENDS)}")
     if backends.why_not("cuda", "cuda") is not None:
         pytest.fail(f"the cuda backend should run on this GPU machine: {backends.why_not('cuda', 'cuda')}")
     n, d, v = 1000, 256, 5000
