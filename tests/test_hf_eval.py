@@ -216,3 +216,27 @@ def test_tuple_and_dict_outputs_agree_with_each_other_and_with_stock(arch, mode,
             _same(_built(out), ref, where, lambda a, b, msg: torch.testing.assert_close(
                 a, b, **(tol(arch) if fused and msg == f"{where}[0]" else EXACT), msg=msg))
         lazy_uses["built"] = 0  # _built above
+
+
+def test_peft_lora_training_step_keeps_the_logits_unbuilt(lazy_uses):
+    # PEFT's wrapper hands the base model's output back as it is: the placeholder, at its place.
+    peft = pytest.importorskip("peft")
+    def lora(m):
+        torch.manual_seed(0)  # the same random adapter on both
+        return peft.get_peft_model(m.train(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                              init_lora_weights=False))
+
+    stock, model = pair("llama")
+    ps, pp = lora(stock), lora(model)
+    b = batch("llama", stock)
+    ref, out = ps(**b), pp(**b)
+    ref.loss.backward()
+    out.loss.backward()
+    assert isinstance(out.logits, LazyLogits) and lazy_uses == {"fused": 1, "built": 0}
+    torch.testing.assert_close(out.loss, ref.loss, **tol("llama"))
+    grads = {n: p.grad for n, p in ps.named_parameters() if p.requires_grad}
+    assert grads
+    for n, p in pp.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], **tol("llama"), msg=n)
+    torch.testing.assert_close(out.logits.materialize(), ref.logits, **EXACT)  # before any optimizer step
