@@ -516,11 +516,14 @@ def step_build(r):
     return True  # a spill is a finding, not a reason to leave the kernels untested
 
 
-def _pytest(r, path, *extra):
+def _pytest(r, path, *extra, parallel=True):
+    """pytest with the streaming plugin; tests spread over up to 8 xdist workers where xdist is there
+    (Triton compiles in parallel), never benchmarks (pytest-benchmark turns itself off under xdist,
+    and timings must not share the GPU)."""
     cmd = [r.python, "-m", "pytest", path, "-v", "--tb=short", "-rfE", "-p", "no:cacheprovider",
            "-p", "benchmarks.gpu_check", *extra]
-    if not r.dry and r.data.get("env", {}).get("xdist"):
-        cmd += ["-n", str(min(8, os.cpu_count() or 1))]  # Triton compiles in parallel
+    if parallel and not r.dry and r.data.get("env", {}).get("xdist"):
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
     return cmd
 
 
@@ -577,7 +580,7 @@ def step_tests(r, built):
 def step_bench(r, built):
     bjson = os.path.join(r.logs, "bench.json")
     cases = os.path.join(r.logs, "bench-cases.jsonl")
-    cmd = _pytest(r, BENCH_FILE, "--benchmark-only", f"--benchmark-json={bjson}")
+    cmd = _pytest(r, BENCH_FILE, "--benchmark-only", f"--benchmark-json={bjson}", parallel=False)
     backends_ = "cuda,triton" if built else "triton"
     if r.dry and r.hang != "bench":
         r.skip("bench", "dry run: no GPU", " ".join(cmd))

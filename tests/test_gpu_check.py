@@ -195,3 +195,17 @@ def test_a_failed_build_still_runs_the_triton_tests(tmp_path):
     params = [json.loads(x)["test"].partition("[")[2].rstrip("]").split("-")
               for x in (tmp_path / "out" / "logs" / "test-triton.jsonl").read_text().splitlines()]
     assert all("cuda" not in p for p in params) and sum("triton" in p for p in params) > 100
+
+
+def test_benchmarks_never_run_under_xdist(tmp_path, monkeypatch):
+    """Tests spread over xdist workers; the benchmark does not (pytest-benchmark turns itself off under
+    xdist, and timings must not share the GPU)."""
+    r = C.Runner(str(tmp_path), sys.executable, dry_run=False, total=120)
+    _fake_env(r)
+    r.data["env"]["xdist"] = "3.8.0"
+    seen = {}
+    monkeypatch.setattr(C, "_pytest_step", lambda r, name, cmd, *a, **k: seen.setdefault(name, cmd))
+    C.step_tests(r, True)
+    C.step_bench(r, True)
+    assert "-n" in seen["test-cuda"] and "-n" in seen["test-triton"]
+    assert "-n" not in seen["bench"] and "--benchmark-only" in seen["bench"]
