@@ -209,3 +209,26 @@ def test_benchmarks_never_run_under_xdist(tmp_path, monkeypatch):
     C.step_bench(r, True)
     assert "-n" in seen["test-cuda"] and "-n" in seen["test-triton"]
     assert "-n" not in seen["bench"] and "--benchmark-only" in seen["bench"]
+
+
+def test_wheels_without_pip_are_unzipped_onto_the_path(tmp_path):
+    """The machine's Python may have no pip: the pure-Python wheels are unzipped into SITE, which
+    every step then has on PYTHONPATH (and SITE/bin on PATH)."""
+    import zipfile
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "gpucheckprobe-1.0-py3-none-any.whl", "w") as z:
+        z.writestr("gpucheckprobe/__init__.py", "VALUE = 42\n")
+        z.writestr("gpucheckprobe-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: 1.0\n")
+    python = _script(tmp_path / "python", f'[ "$2" = pip ] && {{ echo "No module named pip"; exit 1; }}\n'
+                                          f'exec {sys.executable} "$@"')
+    site = tmp_path / "site"
+    r = C.Runner(str(tmp_path / "out"), python, dry_run=False, total=120, site=str(site))
+    C.step_wheels(r, str(wheels))
+    step = r.steps[-1]
+    assert step["status"] == "ok" and "No module named pip" in step["detail"], step
+    assert r.env["PATH"].split(os.pathsep)[0] == str(site / "bin")
+    res = r.run("probe", [python, "-c", "import gpucheckprobe, importlib.metadata as m; "
+                                        "print(gpucheckprobe.VALUE, m.version('gpucheckprobe'))"])
+    assert res.rc == 0 and "42 1.0" in (tmp_path / "out" / "logs" / "probe.log").read_text()
