@@ -3,8 +3,11 @@
 Every (model type, class) of transformers' causal-LM, masked-LM and seq2seq auto mappings is built from
 its own config class with the defaults shrunk (``tests/_hf_testing.py``'s ``tiny_config``: layers, hidden
 size, heads, feed-forward, vocabulary, sub-configs of multimodal models), in fp64, and patched against
-a stock twin by ``zoo_check``: patch, loss and every gradient, logits, save -> stock load, greedy
-generate. Outcomes:
+a stock twin by ``zoo_check``: patch, a training step (loss and every gradient), logits, save -> stock
+load, meta-device construction (to_empty, init_weights, a state-dict load: every parameter and buffer
+equal to stock's through the same path), a checkpoint that stores its own output layer (refused by name
+where from_pretrained keeps it apart), greedy generate, and an eval-mode forward with labels (real
+logits and the loss, stock's: what Trainer.evaluate reads). Outcomes:
 
 * ``pass``;
 * ``refused``: ``patch`` raised a ``ValueError``/``TypeError`` that names the reason and left the model
@@ -14,8 +17,8 @@ generate. Outcomes:
   this project): skipped, with transformers' error as the reason;
 * ``failed``: anything else, a bug here.
 
-``make test`` runs the architectures named in issue 11 plus a fixed sample of the rest (about two minutes
-on two cores); ``TIEDKERNELS_ZOO=all`` (``make test-zoo``) runs every one.
+``make test`` runs the architectures named in issues 11 and 17 plus a fixed sample of the rest (about
+four minutes on two busy cores); ``TIEDKERNELS_ZOO=all`` (``make test-zoo``) runs every one.
 """
 
 import copy
@@ -78,7 +81,7 @@ REFUSED = {
 }
 # The model types that failed before, run in every `make test`.
 NAMED = ("ctrl", "t5gemma2", "glmasr", "granite_speech", "granite_speech_plus", "moss_transcribe_diarize",
-         "mobilebert", "prophetnet", "kosmos-2", "ovis2", "csm", "udop", "moshi")
+         "mobilebert", "prophetnet", "kosmos-2", "ovis2", "csm", "udop", "moshi", "gemma", "t5")
 SAMPLE = 6  # further (type, class) pairs in the core run, picked by a hash of their names
 
 ENTRIES = zoo_entries()
