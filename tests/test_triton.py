@@ -896,3 +896,63 @@ def test_round_to_bf16_is_torchs():
         assert torch.equal(got.isnan(), want.isnan()), scale
         keep = ~want.isnan()
         assert torch.equal(got[keep], want[keep]), (scale, int((got[keep] != want[keep]).sum()))
+
+
+def _nonfinite_inputs(case):
+    """(h, w, b, labels) whose logits hold NaN, +inf or -inf; row 2 is ignored."""
+    gen = torch.Generator().manual_seed(21)
+    n, d, v = 9, 16, 123
+    h = torch.randn(n, d, generator=gen)
+    w = torch.randn(v, d, generator=gen) * 0.5
+    b = torch.randn(v, generator=gen)
+    b[40] = 9.0  # a large finite logit before the NaN column
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[2] = -100
+    if case == "nan_column":
+        b[100] = float("nan")  # every row; in the last split under split_rows
+    elif case == "nan_row":
+        h[3, 2] = float("nan")
+        h[2, 5] = float("nan")
+    elif case == "inf_hidden":
+        h[4, 1] = float("inf")  # +inf and -inf logits in row 4
+        h[2, 0] = float("inf")
+    elif case == "inf_weight":
+        w[70, 0] = float("inf")  # column 70: +inf where h[:, 0] > 0, -inf where < 0
+    elif case == "fp16_overflow":
+        h, w, b = (h * 300).half(), (w * 300).half(), None  # logits ~2e5: +-inf in fp16
+        h[5] = h[5] / 1000
+    return h, w, b, labels
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("splits", [False, True], ids=["rows", "splits"])
+@pytest.mark.parametrize("case", ["nan_column", "nan_row", "inf_hidden", "inf_weight", "fp16_overflow"])
+def test_nonfinite_logits_give_pytorchs_values(request, case, splits, reduction):
+    """Plain PyTorch's values (F.linear, then F.cross_entropy in fp32) for logits with NaN, +inf or
+    -inf: a row with a NaN or +inf logit has a NaN loss (log_softmax is inf - inf there, not inf)
+    and NaN gradients, on an ignored row too (0 * NaN); torch.argmax's prediction (the first NaN
+    wins); torch.logsumexp's lse; a NaN entropy where the softmax is NaN.  The kernels handle NaN
+    themselves: tl.max/tl.argmax skip it on a GPU but not under the interpreter."""
+    if splits:
+        request.getfixturevalue("split_rows")
+    h, w, b, labels = _nonfinite_inputs(case)
+    leaves = [x.clone().requires_grad_() for x in (h, w, b) if x is not None]
+    z = torch.nn.functional.linear(*leaves)
+    ref = torch.nn.functional.cross_entropy(z.float(), labels, reduction=reduction)
+    g = torch.rand(labels.shape[0], generator=torch.Generator().manual_seed(1)) + 0.5
+    ref_grads = torch.autograd.grad(ref, leaves, g if reduction == "none" else None)
+    broken = torch.log_softmax(z.detach().float(), -1).isnan().any(-1)
+    assert broken.any()
+    ours = [x.clone().requires_grad_() for x in (h, w, b) if x is not None]
+    st = tk.linear_cross_entropy(ours[0], ours[1], labels, bias=ours[2] if b is not None else None,
+                                 reduction=reduction, return_stats=True, backend=B)
+    grads = torch.autograd.grad(st.loss, ours, g if reduction == "none" else None)
+    tol = dict(rtol=1e-4, atol=1e-5) if h.dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(st.loss.float(), ref, equal_nan=True, **tol)
+    assert torch.equal(st.predictions, z.detach().float().argmax(-1)), (st.predictions, z.float().argmax(-1))
+    torch.testing.assert_close(st.lse.float(), torch.logsumexp(z.detach().float(), -1), equal_nan=True, **tol)
+    assert torch.equal(st.entropy.isnan(), broken)
+    for name, a, r in zip(("dh", "dW", "db"), grads, ref_grads):
+        assert torch.equal(a.isnan(), r.isnan()), (name, int(a.isnan().sum()), int(r.isnan().sum()))
+        if h.dtype == torch.float32:
+            torch.testing.assert_close(a, r, equal_nan=True, **tol, msg=lambda m, name=name: f"{name}: {m}")

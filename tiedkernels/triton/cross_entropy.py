@@ -123,8 +123,12 @@ def _stats_kernel(Z, B, CW, LAB, PART, PIDX, rows, v, valid, span, stride_z, ign
                   scale, cap, inv_cap, has_bias, has_cap, has_cw, stats, ACC: tl.constexpr, BLOCK_V: tl.constexpr):
     """Partial statistics of row ``pid(0)`` over the vocabulary slice ``pid(1)``, in one read of
     the logits: max, sum of exp(f - max) (NaN logits make it NaN), sum of c_j f_j (c = 1 without
-    class weights), the target f; with STATS also sum of exp(f - max) f (entropy) and the first
-    index of the max (argmax)."""
+    class weights), the target f; with STATS also sum of exp(f - max) f (entropy) and the argmax
+    in torch.argmax's order: the first NaN if any (then the stored max is NaN, for the merge),
+    else the first index of the max.
+
+    NaN is handled explicitly, never left to ``tl.max``/``tl.argmax``: on a GPU they skip NaN (or
+    depend on the reduction order), while the interpreter uses NumPy's nan-functions."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     nsp = tl.num_programs(1)
@@ -138,6 +142,7 @@ def _stats_kernel(Z, B, CW, LAB, PART, PIDX, rows, v, valid, span, stride_z, ign
     zy = tl.zeros([], dtype=ACC)
     sp_f = tl.zeros([], dtype=ACC)
     best = lo
+    first_nan = hi
     for v0 in range(lo, hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         cmask = cols < hi
@@ -150,7 +155,9 @@ def _stats_kernel(Z, B, CW, LAB, PART, PIDX, rows, v, valid, span, stride_z, ign
         else:
             sf += tl.sum(tl.where(cmask, f, 0.0))
         zy += tl.sum(tl.where(cols == target, f, 0.0))
-        tmax = tl.max(f)
+        isnan = f != f
+        f_num = tl.where(isnan, float("-inf"), f)
+        tmax = tl.max(f_num)
         m_new = tl.maximum(m, tmax)
         # an infinite max (all -inf so far, or a +inf logit) is no reference point: exp(0) mass
         m_ref = tl.where((m_new == float("inf")) | (m_new == float("-inf")), 0.0, m_new)
@@ -160,8 +167,12 @@ def _stats_kernel(Z, B, CW, LAB, PART, PIDX, rows, v, valid, span, stride_z, ign
         if stats:
             # an entry of probability 0 adds 0, even at f = -inf
             sp_f = sp_f * alpha + tl.sum(tl.where(e > 0, e * f, 0.0))
-            best = tl.where(tmax > m, v0 + tl.argmax(f, axis=0), best)
+            best = tl.where(tmax > m, v0 + tl.argmax(f_num, axis=0), best)
+            first_nan = tl.minimum(first_nan, tl.min(tl.where(isnan, cols, hi)))
         m = m_new
+    if stats:
+        best = tl.where(first_nan < hi, first_nan, best)
+        m = tl.where(first_nan < hi, float("nan"), m)
     base = PART + row * nsp + sp
     plane = rows * nsp
     tl.store(base, m)
@@ -179,8 +190,9 @@ def _finish_kernel(PART, PIDX, LAB, CW, CSUM, LSE, LOSS, SOUT, PRED, ENT, rows, 
                    write_loss, write_shard, stats, ACC: tl.constexpr,
                    BLOCK_R: tl.constexpr):
     """Merge the splits of BLOCK_R rows: lse, the token loss (0 when ignored, NaN for a bad
-    label), the shard statistics (lse, target logit, sum of c_j z_j) and, with STATS, the
-    argmax and the entropy."""
+    label, NaN as PyTorch's for a row whose softmax is NaN: a NaN or +inf logit, or all -inf),
+    the shard statistics (lse, target logit, sum of c_j z_j) and, with STATS, the argmax (a
+    split's NaN max marks a NaN: the first one wins) and the entropy."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = r < rows
     plane = rows * nsp
@@ -190,9 +202,12 @@ def _finish_kernel(PART, PIDX, LAB, CW, CSUM, LSE, LOSS, SOUT, PRED, ENT, rows, 
     zy = tl.zeros([BLOCK_R], dtype=ACC)
     spf = tl.zeros([BLOCK_R], dtype=ACC)
     best = tl.zeros([BLOCK_R], dtype=tl.int32)
+    nan_row = tl.zeros([BLOCK_R], dtype=tl.int32)
     for k in range(0, nsp):
         p = PART + r * nsp + k
         m2 = tl.load(p, mask=rmask, other=float("-inf"))
+        n2 = m2 != m2  # only with STATS (the split's sum of exp is NaN then anyway)
+        m2 = tl.where(n2, float("-inf"), m2)
         s2 = tl.load(p + plane, mask=rmask, other=0.0)
         sf += tl.load(p + 2 * plane, mask=rmask, other=0.0)
         zy += tl.load(p + 3 * plane, mask=rmask, other=0.0)
@@ -204,7 +219,8 @@ def _finish_kernel(PART, PIDX, LAB, CW, CSUM, LSE, LOSS, SOUT, PRED, ENT, rows, 
         if stats:
             spf = spf * a1 + tl.load(p + 4 * plane, mask=rmask, other=0.0) * a2
             idx = tl.load(PIDX + r * nsp + k, mask=rmask, other=0)
-            best = tl.where((k == 0) | (m2 > m), idx, best)
+            best = tl.where((k == 0) | ((nan_row == 0) & (n2 | (m2 > m))), idx, best)
+            nan_row = nan_row | n2.to(tl.int32)
         m = m_new
     # m + log(s): -inf for a row of -inf logits (s = 0), +inf with a +inf logit, NaN with a NaN one
     lse = tl.where(m == float("-inf"), m + s * 0.0, m + tl.log(s))
@@ -225,6 +241,8 @@ def _finish_kernel(PART, PIDX, LAB, CW, CSUM, LSE, LOSS, SOUT, PRED, ENT, rows, 
         loss = cy * loss
         if eps > 0:  # never 0 * inf: a -inf logit (a masked entry) makes the sum of logits -inf
             loss += (eps * inv_vocab) * (c_sum * lse - sf)
+        # PyTorch's log_softmax is NaN across a row with a +inf logit (inf - inf), not inf
+        loss = tl.where(lse == float("inf"), float("nan"), loss)
         loss = tl.where(ignored, 0.0, loss)
         loss = tl.where(bad, float("nan"), loss)
         tl.store(LOSS + r, loss, mask=rmask)
@@ -245,11 +263,15 @@ def _grad_kernel(Z, DZ, B, CW, CSUM, LAB, LSE, G, GL, v, valid, span, stride_z, 
     """dL/dz of row ``pid(0)`` over the vocabulary slice ``pid(1)`` into DZ (may be Z itself):
     coef p_j - g (1-eps) c[y] [j = y] - g (eps/V) c_j with coef = g c[y] ((1-eps) + 2 z_loss lse)
     + g (eps/V) sum(c) + grad_lse, times the softcap's and the scale's derivative; 0 beyond
-    ``valid``, 0 on ignored rows (but for grad_lse), NaN on a bad label's row."""
+    ``valid``, 0 on ignored rows (but for grad_lse), NaN on a bad label's row, and NaN on a row
+    whose lse is not finite (a NaN or +inf logit, or all -inf), ignored or not, as PyTorch's
+    softmax gradient is there (0 * NaN)."""
     row = tl.program_id(0)
     sp = tl.program_id(1)
     ignored, bad, target, cy = _row_label(LAB, CW, row, ignore_index, vocab_start, vocab_total, valid, has_cw, ACC)
     lse = tl.load(LSE + row).to(ACC)
+    broken = ~(tl.abs(lse) < float("inf"))
+    lse = tl.where(broken, float("nan"), lse)
     g = tl.load(G + row * stride_g).to(ACC)
     g = tl.where(ignored, 0.0, g)
     if has_cw:
@@ -259,7 +281,7 @@ def _grad_kernel(Z, DZ, B, CW, CSUM, LAB, LSE, G, GL, v, valid, span, stride_z, 
     coef = g * cy * ((1.0 - eps) + 2.0 * z_loss * lse)
     if eps > 0:
         coef += g * (eps * inv_vocab) * c_sum
-    keep = ~ignored
+    keep = ~ignored | broken
     if has_gl:
         coef += tl.load(GL + row).to(ACC)
         keep = keep | ignored
