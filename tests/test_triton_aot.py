@@ -102,3 +102,18 @@ def test_short_chunks_split_the_vocabulary():
     launches = plan.launches(100, 4096, 128_256, "bf16", sms=H100_SMS)
     row = [x for x in launches if x["kernel"] == "triton _stats_kernel"]
     assert row[0]["programs"] >= 2 * H100_SMS
+
+
+def test_scatter_atomics_are_relaxed():
+    """The embedding's atomic scatter adds with relaxed ordering (a sum needs no fence; Triton's
+    default, acq_rel, orders every add): its sm_90 PTX has only relaxed reductions."""
+    code = ("import re\nfrom tiedkernels.triton import plan\n"
+            "spec = [s for s in plan.aot_specs() if s['kernel'] == 'triton _scatter_atomic_kernel'][0]\n"
+            "ptx = plan.compile_kernel(spec, 90).asm['ptx']\n"
+            "print('\\n'.join(l.strip() for l in ptx.splitlines() if re.match(r'\\s*(@%p\\d+\\s+)?(atom|red)\\.', l)))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.split()
+    ops = [x for x in lines if x.startswith(("atom.", "red."))]
+    assert ops and all(".relaxed." in x for x in ops), ops

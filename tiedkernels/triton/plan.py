@@ -175,19 +175,25 @@ def _resources(cubin, tool):
     return reg, stack + local, shared
 
 
-def compile_spec(spec, arch):
-    """Compile one spec for sm_<arch>; returns its report row."""
+def compile_kernel(spec, arch):
+    """Compile one spec for sm_<arch> (no GPU needed); returns Triton's compiled kernel (``.asm``
+    holds its PTX and cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    n = _arch_number(arch)
-    target = GPUTarget("cuda", n, 32)
+    target = GPUTarget("cuda", _arch_number(arch), 32)
     attrs = {(i,): [["tt.divisibility", 16]] for i, (k, t) in enumerate(spec["signature"].items())
              if t.startswith("*")}
     src = ASTSource(fn=spec["fn"], signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
-    k = triton.compile(src, target=target, options=options.__dict__)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def compile_spec(spec, arch):
+    """Compile one spec for sm_<arch>; returns its report row."""
+    n = _arch_number(arch)
+    k = compile_kernel(spec, n)
     tool = cuobjdump_path()
     if tool is None:
         raise RuntimeError("tiedkernels: cuobjdump not found (it ships in the triton wheel)")
