@@ -40,6 +40,9 @@ install-low: $(LOW_STAMP)
 # deterministic mode; the Triton run stays out of it (its fp32 embedding backward does). The core suite
 # leaves out the `slow` cases (64-bit offsets: V·D and N·V beyond 2^31, the same kernel source as the main
 # run's): the fill would write their 8.6 GB buffers whole, which they leave untouched. `make test` runs them.
+# Last, the GEMMs with an fp32 output from bf16/fp16 operands that both GPU backends' dW runs: this torch
+# (a CUDA build) must register their CUDA kernels and accept those dtypes (tests/test_lowend_gemm_dtypes.py;
+# TIEDKERNELS_EXPECT_CUDA_TORCH=1 turns its skip on a CPU build of torch into a failure).
 test-low: $(LOW_STAMP)
 	cd / && TIEDKERNELS_CACHE=$(LOW_CACHE) $(LOW_BIN)/python -W error::RuntimeWarning -c "import torch, tiedkernels; \
 	  from tiedkernels import _ext; info = _ext.build_info(); assert info is not None, _ext.error(); \
@@ -53,6 +56,8 @@ test-low: $(LOW_STAMP)
 	TIEDKERNELS_CACHE=$(LOW_CACHE) TIEDKERNELS_TEST_NAN_EMPTY=1 $(LOW_BIN)/python -m pytest $(LOW_TESTS) -q $(PYTEST_FILES) \
 	  -p no:cacheprovider -m "not slow"
 	TIEDKERNELS_CACHE=$(LOW_CACHE) TRITON_INTERPRET=1 $(LOW_BIN)/python -m pytest tests/test_triton.py -q -p no:cacheprovider $(PYTEST_TESTS)
+	TIEDKERNELS_CACHE=$(LOW_CACHE) TIEDKERNELS_EXPECT_CUDA_TORCH=1 $(LOW_BIN)/python -m pytest tests/test_lowend_gemm_dtypes.py -q \
+	  -p no:cacheprovider
 
 # The CUDA compile check (mk/cuda.mk) against the low end's torch, whose wheel is the CUDA 13.0 build:
 # the kernels must compile against its headers too. One architecture, sm_90 (the GPU this project is
