@@ -207,6 +207,15 @@ def _class_weight(class_weight, vt, sdt, device):
     return class_weight.to(sdt)
 
 
+def cross_entropy_lse(lse):
+    """The lse inside the cross-entropy term, as PyTorch's cross_entropy has it: its log_softmax,
+    z - max - log(sum(exp(z - max))), is NaN on every entry of a row whose max is +inf (inf - inf),
+    while torch.logsumexp, the lse returned and squared by the z-loss, special-cases that max and
+    gives +inf.  lse - z_y from the latter would make such a token's loss +inf (for a finite or
+    -inf z_y) where PyTorch's is NaN."""
+    return torch.where(lse == float("inf"), torch.full_like(lse, float("nan")), lse)
+
+
 def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, label_smoothing, z_loss, softcap,
              logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, mode,
              class_weight=None, grad_lse=None, return_stats=False):
@@ -283,10 +292,11 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
             stats[1, start : start + rows] = zy
             stats[2, start : start + rows] = sumf
         if mode == "fwd":
-            tok = cy * ((1 - eps) * (row_lse - zy) + z_loss * row_lse * row_lse)
+            ce_lse = cross_entropy_lse(row_lse)
+            tok = cy * ((1 - eps) * (ce_lse - zy) + z_loss * row_lse * row_lse)
             if eps:
                 s_all = c_sum if cw is not None else vt
-                tok = tok + (eps * inv_v) * (s_all * row_lse - sumf)
+                tok = tok + (eps * inv_v) * (s_all * ce_lse - sumf)
             loss_vec[start : start + rows] = torch.where(ignored, torch.zeros_like(tok), tok)
             lse[start : start + rows] = row_lse
             if stats_on:

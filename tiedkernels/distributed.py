@@ -29,6 +29,7 @@ from torch import nn
 
 from . import _composite, _tie, backends
 from . import functional as tkf
+from ._torch_backend import check_index_range, cross_entropy_lse
 from .module import TiedEmbeddingHead, TiedOutputEmbedding
 
 __all__ = [
@@ -328,8 +329,6 @@ class _VocabParallelLCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, cfg):
         (ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk) = cfg.opts
         if weight.shape[0] == 0:  # an empty shard (DTensor's last ranks when P does not divide V)
-            from ._torch_backend import check_index_range
-
             check_index_range(labels, vocab_total, "label", ignore_index)  # as the other ranks' kernels do
             stats = hidden.new_zeros((3, hidden.shape[0]), dtype=_reduce_dtype(hidden.dtype))
             stats[0] = float("-inf")
@@ -359,13 +358,14 @@ class _VocabParallelLCE(torch.autograd.Function):
             lin = out[:, 1].sum(0)
         else:
             lse = stats[0]
+        ce_lse = cross_entropy_lse(lse)  # NaN where a logit is +inf, as in PyTorch's cross_entropy
         if cw is None:
-            tok = lse - lin
+            tok = ce_lse - lin
             if cfg.z_loss:
                 tok = tok + cfg.z_loss * lse * lse
         else:
             coef = cy * (1.0 - eps) + (eps / cfg.vocab_size) * cw.to(lse.dtype).sum() if eps else cy
-            tok = lse * coef - lin
+            tok = ce_lse * coef - lin
             if cfg.z_loss:
                 tok = tok + cfg.z_loss * cy * lse * lse
         tok = tok.masked_fill(labels == ignore_index, 0)
@@ -399,6 +399,10 @@ class _VocabParallelLCE(torch.autograd.Function):
             dh, dw, db = cfg.op_bwd(g, hidden, weight, bias, labels, lse, ignore_index, cfg.eps, cfg.z_loss, softcap,
                                     logit_scale, vocab_start, vocab_total, chunk, *want,
                                     class_weight=cfg.class_weight, **extra)
+            valid = max(0, min(weight.shape[0], vocab_total - vocab_start))
+            if want[1] and valid < weight.shape[0]:
+                # padding rows: their dz is 0, but 0 times an infinite hidden state is NaN in dzᵀh
+                dw[valid:] = 0
         if want[0] and cfg.reduce_dh and _world(cfg.group) > 1:
             # Megatron's lesson: sum the ranks' partial dh in fp32, not in bf16.
             acc = dh.to(_reduce_dtype(dh.dtype))

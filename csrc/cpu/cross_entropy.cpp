@@ -46,6 +46,13 @@ struct RowOut {
   int64_t argmax = -1;  // local column (first of the maximum; the first NaN if any)
 };
 
+// A saved lse as the gradient's softmax needs it: a reported +inf (a row holding +inf) is the
+// cross-entropy's NaN there, as in the forward.
+template <typename acc_t>
+TK_ALWAYS_INLINE acc_t ce_lse(acc_t lse) {
+  return lse == std::numeric_limits<acc_t>::infinity() ? std::numeric_limits<acc_t>::quiet_NaN() : lse;
+}
+
 // Per token, with c the class weights (1 without), S = sum(c):
 //   loss = c[y]((1-eps)(lse - z_y) + lam lse^2) + (eps/V)(S lse - sum_j c_j z_j)
 //   dL/dz_j = g(((1-eps)c[y] + (eps/V)S + 2 lam c[y] lse) p_j - (1-eps)c[y][j=y] - (eps/V)c_j) + gl p_j
@@ -135,9 +142,17 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
     // An all-padding shard (or -inf logits): no mass here.  NaNs still reach s through sf.
     for (int64_t j = 0; j < valid; ++j) sf += cw ? cw[j] * f[j] : f[j];
   }
+  // lse is the cross-entropy's: NaN on a row whose max is +inf, as PyTorch's log_softmax is there
+  // (exp(z - m) = exp(inf - inf)).  The lse reported is torch.logsumexp's, which special-cases that
+  // max: +inf, or NaN if the row also holds a NaN.
   const acc_t lse = s > acc_t(0) || s != s ? m + std::log(s) : (sf != sf ? sf : -std::numeric_limits<acc_t>::infinity());
   const acc_t zy = zy_raw;
   out.lse = lse;
+  if (m == std::numeric_limits<acc_t>::infinity()) {
+    bool nan = false;
+    for (int64_t j = 0; j < valid; ++j) nan |= f[j] != f[j];
+    out.lse = nan ? lse : m;
+  }
   out.zy = zy;
   out.sumf = sf;
   if (in.stats) out.entropy = lse - (s > acc_t(0) ? spz / s : acc_t(0));
@@ -153,9 +168,9 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
   }
   if (!in.grad) return;
   if (in.ignored && in.gl == acc_t(0)) {
-    // 0 * softmax: zeros, unless the softmax itself is NaN (a NaN logit, a row of -inf), where
-    // PyTorch's gradient is NaN too
-    const acc_t l = in.have_lse ? in.lse_given : lse;
+    // 0 * softmax: zeros, unless the softmax itself is NaN (a NaN logit, a row of -inf or holding
+    // +inf), where PyTorch's gradient is NaN too
+    const acc_t l = in.have_lse ? ce_lse(in.lse_given) : lse;
     if (std::isfinite(l)) {
       for (int64_t j = 0; j < in.v; ++j) f[j] = 0;
     } else {
@@ -165,7 +180,7 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
     return;
   }
   const acc_t g = in.ignored ? acc_t(0) : in.g;
-  const acc_t l = in.have_lse ? in.lse_given : lse;
+  const acc_t l = in.have_lse ? ce_lse(in.lse_given) : lse;
   // a: the coefficient of p_j; b: of the smoothing's constant (times c_j with class weights)
   const acc_t a = (cw ? g * (in.cy * ((acc_t(1) - eps) + acc_t(2) * c.z_loss * l) + eps * c.inv_vocab * c.cw_sum)
                       : g * (acc_t(1) + acc_t(2) * c.z_loss * l)) + in.gl;
