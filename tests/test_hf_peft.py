@@ -11,6 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.utils.other import _get_module_names_tied_with_embedding  # noqa: E402
 
 import tiedkernels.hf as tkhf  # noqa: E402
+from tiedkernels.hf._lazy import LazyLogits  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
 from _hf_testing import batch, build  # noqa: E402
 
@@ -19,7 +20,7 @@ TOL = dict(atol=1e-6, rtol=1e-6)
 
 
 def pair(arch="llama"):
-    stock = build(arch)
+    stock = build(arch).train()  # training mode: where the patched loss fuses
     model = copy.deepcopy(stock)
     tkhf.patch(model)
     return stock, model
@@ -66,7 +67,7 @@ def test_lora_on_attention_trains_saves_and_loads(tmp_path):
         for o in opts:
             o.zero_grad()
         out = assert_same_step(ps, pp, b)
-        assert out.logits is None  # the fused loss ran under PEFT
+        assert isinstance(out.logits, LazyLogits)  # the fused loss ran under PEFT, logits unbuilt
         losses.append(out.loss.item())
         for o in opts:
             o.step()
@@ -119,7 +120,7 @@ def test_merge_and_unload_then_patch_again():
     assert isinstance(merged.get_output_embeddings(), HFTiedOutput)
     with torch.no_grad():
         out = merged(**b)
-    assert out.logits is None
+    assert isinstance(out.logits, LazyLogits)
     torch.testing.assert_close(out.loss, before, atol=1e-10, rtol=1e-10)
 
 
