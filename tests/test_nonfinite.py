@@ -124,10 +124,12 @@ def test_nonfinite_inputs_match_pytorch(backend, where, value, dtype):
                 _same(a, e, dtype, f"{what} {name}")
 
 
+@pytest.mark.parametrize("transform", [False, True], ids=["fused", "vmap"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_inf_hidden_with_z_loss_is_nan(backend):
+def test_inf_hidden_with_z_loss_is_nan(backend, transform):
     """The fuzz's case: a +inf hidden entry makes the token's logits ±inf; PyTorch's loss is NaN
-    (its log_softmax is NaN on the row), with or without the z-loss, whose lse is +inf."""
+    (its log_softmax is NaN on the row), with or without the z-loss, whose lse is +inf.  Under a
+    torch.func transform (the chunked plain-op path) too."""
     if backends.why_not(backend, "cpu") is not None:
         pytest.skip(backends.why_not(backend, "cpu"))
     g = torch.Generator().manual_seed(0)
@@ -138,8 +140,14 @@ def test_inf_hidden_with_z_loss_is_nan(backend):
     y = torch.tensor([0, int(z[1].argmin()), 2])  # the token's target logit is -inf: lse - z_y = +inf
     assert z[1, y[1]] == float("-inf")
     for lam in (0.0, 1e-3):
-        loss, lse = tiedkernels.linear_cross_entropy(h, w, y, z_loss=lam, reduction="none", return_lse=True,
-                                                     backend=backend)
+        def fn(hh):
+            return tiedkernels.linear_cross_entropy(hh, w, y, z_loss=lam, reduction="none", return_lse=True,
+                                                    backend=backend)
+
+        if transform:
+            loss, lse = (t[0] for t in torch.func.vmap(fn)(h[None]))
+        else:
+            loss, lse = fn(h)
         assert loss[1].isnan() and lse[1] == float("inf"), (lam, loss, lse)
         assert loss[[0, 2]].isfinite().all()
 

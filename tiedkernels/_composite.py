@@ -220,13 +220,16 @@ def _tok_loss(f, lse, y, o, class_weight):
     eps = o.label_smoothing
     zero = torch.zeros_like(lse)
     zy = torch.where(has_t, f.gather(1, local[:, None]).squeeze(1), zero) if v else zero
-    tok = (1 - eps) * (lse - zy) if eps != 1.0 else zero
+    from ._torch_backend import cross_entropy_lse
+
+    ce_lse = cross_entropy_lse(lse)  # NaN on a row holding +inf, as PyTorch's cross_entropy
+    tok = (1 - eps) * (ce_lse - zy) if eps != 1.0 else zero
     if o.z_loss != 0.0:
         tok = tok + o.z_loss * lse * lse
     if c.cy is not None:
         tok = c.cy * tok
     if eps != 0.0:  # skipped when 0: a -inf logit must not give 0 * inf
-        tok = tok + (eps / total) * (c.total * lse - _weighted_sum(f, c, valid))
+        tok = tok + (eps / total) * (c.total * ce_lse - _weighted_sum(f, c, valid))
     return torch.where(ignored, zero, tok)
 
 
