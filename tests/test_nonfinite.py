@@ -179,3 +179,27 @@ def test_vocab_parallel_nonfinite_matches_pytorch(backend, where):
             theirs = [loss, lse, *_grads(loss, lse, (hr, wr), g_loss, g_lse)]
             for name, a, e in zip(("loss", "lse", "dh", "dW"), mine, theirs):
                 _same(a, e, dtype, f"{what} {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
+def test_nonfinite_stats(backend, where):
+    """return_stats on the same inputs: the loss is PyTorch's, the statistics those of the
+    reference's definitions (the entropy of a row holding +inf is lse - 0 = +inf: its softmax is NaN
+    everywhere and only entries of probability > 0 add; the argmax is torch.argmax's)."""
+    from tiedkernels import reference
+
+    if backends.why_not(backend, "cpu") is not None:
+        pytest.skip(backends.why_not(backend, "cpu"))
+    dtype = torch.float64
+    for value, seed in itertools.product(NONFINITE, range(2)):
+        (h, w, b, cw), y = _inputs(where, NONFINITE[value], seed, dtype)
+        for opts in (dict(reduction="none", z_loss=1e-3, label_smoothing=0.1), dict(reduction="mean", z_loss=1e-2),
+                     dict(reduction="sum", softcap=3.0, logit_scale=0.7)):
+            what = f"{backend} {where}={value} seed={seed} {opts}"
+            s = tiedkernels.linear_cross_entropy(h, w, y, bias=b, return_stats=True, backend=backend, **opts)
+            _same(s.loss, stock(h, w, y, b, **opts), dtype, f"{what} loss")
+            _, ref = reference.linear_cross_entropy(h, w, y, bias=b, return_stats=True, **opts)
+            for name in ("lse", "z_loss", "entropy", "accuracy"):
+                _same(getattr(s, name), ref[name], dtype, f"{what} {name}")
+            assert torch.equal(s.predictions, ref["predictions"]), f"{what} predictions"

@@ -148,14 +148,16 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
   const acc_t lse = s > acc_t(0) || s != s ? m + std::log(s) : (sf != sf ? sf : -std::numeric_limits<acc_t>::infinity());
   const acc_t zy = zy_raw;
   out.lse = lse;
+  out.zy = zy;
+  out.sumf = sf;
+  if (in.stats) out.entropy = lse - (s > acc_t(0) ? spz / s : acc_t(0));
   if (m == std::numeric_limits<acc_t>::infinity()) {
     bool nan = false;
     for (int64_t j = 0; j < valid; ++j) nan |= f[j] != f[j];
     out.lse = nan ? lse : m;
+    // softmax is NaN on every entry there, and NaN entries are not probabilities > 0: lse - 0
+    if (in.stats) out.entropy = out.lse;
   }
-  out.zy = zy;
-  out.sumf = sf;
-  if (in.stats) out.entropy = lse - (s > acc_t(0) ? spz / s : acc_t(0));
   const acc_t eps = c.eps;
   if (in.ignored) {
     out.loss = 0;
