@@ -548,6 +548,7 @@ def check_hf_fsdp2(rank, group):
         return built
     model, ids = built
     import tiedkernels.hf as tkhf
+    from tiedkernels.hf._lazy import LazyLogits
 
     single = copy.deepcopy(tkhf.patch(model))
     assert single.lm_head.weight is single.model.embed_tokens.weight
@@ -563,7 +564,7 @@ def check_hf_fsdp2(rank, group):
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     mine = slice(2 * rank, 2 * rank + 2)  # equal token counts: the mean of the ranks' means is the mean
     out = model(input_ids=ids[mine], labels=ids[mine])
-    assert out.logits is None, "the patched model did not take the fused loss path"
+    assert isinstance(out.logits, LazyLogits), "the patched model did not take the fused loss path"
     loss = out.loss
     loss.backward()
     both = loss.detach().clone()
@@ -597,6 +598,7 @@ def check_hf_fsdp1(rank, group):
         return built
     base, ids = built
     import tiedkernels.hf as tkhf
+    from tiedkernels.hf._lazy import LazyLogits
     from transformers import LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -617,7 +619,7 @@ def check_hf_fsdp1(rank, group):
                   process_group=group)
         opt = torch.optim.SGD(fm.parameters(), lr=0.5)
         out = fm(input_ids=ids[mine], labels=ids[mine])
-        assert out.logits is None, f"{what}: the patched model did not take the fused loss path"
+        assert isinstance(out.logits, LazyLogits), f"{what}: the patched model did not take the fused loss path"
         out.loss.backward()
         both = out.loss.detach().clone()
         dist.all_reduce(both, group=group)
