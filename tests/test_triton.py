@@ -6,7 +6,10 @@ tolerances) run here with ``backend="triton"``; then what is specific to these k
 embedding's deterministic path, bad ids and labels, empty and non-contiguous inputs, NaN,
 tracing through ``triton_op``, how the backend reports itself; and the chunked loss's own paths:
 vocabulary splits, -inf logits, the softcap's precision and its infinite limit, Cut
-Cross-Entropy's lse rule for fp16/bf16, class weights, argmax/entropy and grad_lse.
+Cross-Entropy's lse rule for fp16/bf16, class weights, argmax/entropy and grad_lse; NaN and
++-inf logits against plain PyTorch; bf16 rounding.  The GPU-only code paths are reached without a
+GPU: inductor's lowering of the multi-chunk dW on fake CUDA tensors, and the device guard and the
+asynchronous index check with torch.cuda mocked and every host read trapped.
 
 Triton reads TRITON_INTERPRET when it is imported, so this module sets it at collection,
 before anything imports Triton.  That does not change what the rest of the suite runs:
