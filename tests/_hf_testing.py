@@ -546,19 +546,24 @@ def zoo_check(model_type, class_name, task, *, tie=None, generate=True, save=Tru
                                "logits of the stock model loaded from the patched checkpoint", 1e-10, 1e-10)
         # built on the meta device, patched there, to_empty(), init_weights(), a state-dict load: every
         # parameter and buffer equal to stock's through the same path (issue 17, item 3)
+        # (compared before either runs: a forward may change its own parameters, e.g. SwitchTransformers
+        # casts its router to float32)
         if meta:
+            sd = stock.state_dict()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    m_ref = meta_init(cls, stock.config, stock.state_dict(), patched=False)
+                    m_ref = meta_init(cls, stock.config, sd, patched=False)
+                    m_probe = meta_init(cls, stock.config, sd, patched=False)
                     with torch.no_grad():
-                        want = m_ref(**nolab).logits
+                        want = m_probe(**nolab).logits
+                del m_probe
             except Exception as e:  # noqa: BLE001 - transformers' own limit, said in the notes
                 res.notes.append(f"meta init not compared: the stock model raises {_why(e, 100)} on that path")
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    m_new = meta_init(cls, stock.config, stock.state_dict(), patched=True)
+                    m_new = meta_init(cls, stock.config, sd, patched=True)
                 if not _patch.is_patched(m_new) or m_new.get_output_embeddings().weight is not \
                         m_new.get_input_embeddings().weight:
                     raise AssertionError("meta init: the patched model lost its tied head")
