@@ -3,8 +3,8 @@
 //
 // * Embedding: a checked gather; the backward either atomically adds rows (fp32 weights,
 //   outside deterministic mode) or sums each vocabulary row's contributions in fp32 in a fixed
-//   order (ids sorted stably, one block per run of equal ids) and adds them once: deterministic,
-//   and one rounding for bf16/fp16.
+//   order (ids sorted stably; one block per run of equal ids, or per run and tile of D for long
+//   runs) and adds them once: deterministic, and one rounding for bf16/fp16.
 // * Logits: GEMMs through cuBLAS (ATen), the scale/softcap and its derivative elementwise here.
 // * Fused loss: the device-generic chunked driver (lce_driver.h) runs the GEMMs through cuBLAS;
 //   the row kernel below turns one chunk's logits into lse/loss/stats and overwrites it with
@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -155,21 +156,46 @@ __global__ void scatter_atomic_kernel(const int64_t* __restrict__ ids, const flo
   for (int64_t k = threadIdx.x; k < d; k += blockDim.x) atomicAdd(dst + k * stride_od, src[k]);
 }
 
+// Runs of at least this many equal ids are summed by one block per tile of columns (a frequent id
+// is then no single-block tail); shorter ones by one block over all of D, as many blocks as ids.
+constexpr int64_t kLongRun = 32;
+
+// out[row] += the sum of the gradient rows of one run of equal ids, in fp32 (fp64 for fp64), each
+// column summed in the same order (the run's sorted positions) whichever launch and tile sums it:
+// * run_starts null: one block per sorted position; the first position of a run shorter than
+//   kLongRun sums all of D;
+// * else one block per (position p = blockIdx.x * kLongRun, tile of `cols` columns), run_starts
+//   holding the start of p's run: a run of kLongRun or more ids covers at least one such p, and
+//   its first one sums the run's columns of the tile.
 template <typename scalar_t, typename acc_t>
 __global__ void scatter_sorted_kernel(const int64_t* __restrict__ sorted, const int64_t* __restrict__ perm,
-                                      const int64_t* __restrict__ run_end, const scalar_t* __restrict__ g,
-                                      scalar_t* __restrict__ out, int64_t d, int64_t v, int64_t pad, int64_t stride_ov,
-                                      int64_t stride_od, const int64_t* __restrict__ bad) {
+                                      const int64_t* __restrict__ run_end, const int64_t* __restrict__ run_starts,
+                                      const scalar_t* __restrict__ g, scalar_t* __restrict__ out, int64_t d, int64_t v,
+                                      int64_t pad, int64_t stride_ov, int64_t stride_od, int64_t cols,
+                                      const int64_t* __restrict__ bad) {
   if (bad != nullptr && bad[0] != 0) return;
-  const int64_t p = blockIdx.x;
+  int64_t p, start, k0, k1;
+  if (run_starts == nullptr) {
+    p = blockIdx.x;
+    if (p > 0 && sorted[p - 1] == sorted[p]) return;  // not the first of its run
+    if (run_end[p] - p >= kLongRun) return;           // the tiled launch's
+    start = p;
+    k0 = 0;
+    k1 = d;
+  } else {
+    p = static_cast<int64_t>(blockIdx.x) * kLongRun;
+    start = run_starts[blockIdx.x];
+    if (run_end[p] - start < kLongRun || p - start >= kLongRun) return;  // short, or not its first p
+    k0 = static_cast<int64_t>(blockIdx.y) * cols;
+    k1 = k0 + cols < d ? k0 + cols : d;
+  }
   const int64_t row = sorted[p];
-  if (p > 0 && sorted[p - 1] == row) return;  // not the first of its run
   if (row < 0 || row >= v || row == pad) return;
   const int64_t end = run_end[p];
   scalar_t* dst = out + row * stride_ov;
-  for (int64_t k = threadIdx.x; k < d; k += blockDim.x) {
+  for (int64_t k = k0 + threadIdx.x; k < k1; k += blockDim.x) {
     acc_t acc = 0;
-    for (int64_t q = p; q < end; ++q) acc += static_cast<acc_t>(g[perm[q] * d + k]);
+    for (int64_t q = start; q < end; ++q) acc += static_cast<acc_t>(g[perm[q] * d + k]);
     dst[k * stride_od] = static_cast<scalar_t>(static_cast<acc_t>(dst[k * stride_od]) + acc);
   }
 }
@@ -192,16 +218,34 @@ void scatter_into(at::Tensor& out, const at::Tensor& grad, const at::Tensor& ids
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
+  TORCH_CHECK(t <= std::numeric_limits<int32_t>::max(),
+              "tiedkernels: the embedding backward takes at most 2^31 - 1 ids on CUDA, got ", t);
   auto sorted = at::sort(ids_flat, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto& keys = std::get<0>(sorted);
   const auto& perm = std::get<1>(sorted);
   auto run_end = at::searchsorted(keys, keys, /*out_int32=*/false, /*right=*/true);
+  // The tiled launch: the run starts of every kLongRun-th position; tiles of kEmbThreads columns, wider
+  // where D has more than 65535 of them (the grid's y limit).
+  const bool long_runs = t >= kLongRun;
+  const auto run_starts = long_runs ? at::searchsorted(keys, keys.slice(0, 0, t, kLongRun).contiguous(),
+                                                       /*out_int32=*/false, /*right=*/false)
+                                    : at::Tensor();
+  const int64_t cols = kEmbThreads * ((d + kEmbThreads * 65535 - 1) / (kEmbThreads * 65535));
+  const dim3 tiled_grid(static_cast<unsigned>((t + kLongRun - 1) / kLongRun),
+                        static_cast<unsigned>((d + cols - 1) / cols));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "tiedkernels_scatter_sorted", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scatter_sorted_kernel<scalar_t, acc_t><<<t, kEmbThreads, 0, stream()>>>(
-        keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), run_end.data_ptr<int64_t>(), g.data_ptr<scalar_t>(),
-        out.data_ptr<scalar_t>(), d, v, pad, out.stride(0), out.stride(1), bad);
+        keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), run_end.data_ptr<int64_t>(), nullptr,
+        g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d, v, pad, out.stride(0), out.stride(1), d, bad);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (long_runs) {
+      scatter_sorted_kernel<scalar_t, acc_t><<<tiled_grid, kEmbThreads, 0, stream()>>>(
+          keys.data_ptr<int64_t>(), perm.data_ptr<int64_t>(), run_end.data_ptr<int64_t>(),
+          run_starts.data_ptr<int64_t>(), g.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), d, v, pad, out.stride(0),
+          out.stride(1), cols, bad);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
@@ -523,6 +567,77 @@ __device__ __noinline__ void block_reduce_stats(acc_t& m, acc_t& s, acc_t& t, ac
   ai = sai[0];
 }
 
+// 16 bytes of a row, read or written by one instruction.
+template <typename scalar_t>
+struct alignas(16) Vec16 {
+  static constexpr int n = 16 / static_cast<int>(sizeof(scalar_t));
+  scalar_t x[n];
+};
+
+// Rows of 2- and 4-byte elements go 16 bytes at a time; fp64 rows keep their 8-byte loads (their
+// two-element vectors made ptxas spill the fp64 row kernel on sm_90).
+template <typename scalar_t>
+constexpr bool kVectorRows = sizeof(scalar_t) <= 4;
+
+// Where the 16-byte loads of a row x[0, n) go: x[head, body_end) is whole aligned vectors; the
+// elements before (up to the first 16-byte boundary: a row of an odd length starts anywhere) and
+// after (less than a vector) are read one by one, and so is every element of a pointer not aligned
+// to its own element size.
+struct RowSpans {
+  int64_t head, body_end;
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ RowSpans row_spans(const scalar_t* x, int64_t n) {
+  constexpr int64_t vec = Vec16<scalar_t>::n;
+  const auto addr = reinterpret_cast<uintptr_t>(x);
+  if (addr % sizeof(scalar_t) != 0) return {n, n};
+  const auto to_boundary = static_cast<int64_t>((16 - addr % 16) % 16 / sizeof(scalar_t));
+  const int64_t head = to_boundary < n ? to_boundary : n;
+  return {head, head + (n - head) / vec * vec};
+}
+
+// f(j, x[j]) for every j in [0, n), the block's threads sharing them.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_each_in_row(const scalar_t* x, int64_t n, F&& f) {
+  if constexpr (kVectorRows<scalar_t>) {
+    constexpr int vec = Vec16<scalar_t>::n;
+    const RowSpans r = row_spans(x, n);
+    for (int64_t j = threadIdx.x; j < r.head; j += blockDim.x) f(j, x[j]);
+    for (int64_t j = r.head + static_cast<int64_t>(threadIdx.x) * vec; j < r.body_end;
+         j += static_cast<int64_t>(blockDim.x) * vec) {
+      const Vec16<scalar_t> u = *reinterpret_cast<const Vec16<scalar_t>*>(x + j);
+#pragma unroll
+      for (int k = 0; k < vec; ++k) f(j + k, u.x[k]);
+    }
+    for (int64_t j = r.body_end + threadIdx.x; j < n; j += blockDim.x) f(j, x[j]);
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) f(j, x[j]);
+  }
+}
+
+// x[j] = f(j, x[j]) for every j in [0, n), 16 bytes per load and store where for_each_in_row reads
+// 16 bytes.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void map_row(scalar_t* x, int64_t n, F&& f) {
+  if constexpr (kVectorRows<scalar_t>) {
+    constexpr int vec = Vec16<scalar_t>::n;
+    const RowSpans r = row_spans(x, n);
+    for (int64_t j = threadIdx.x; j < r.head; j += blockDim.x) x[j] = f(j, x[j]);
+    for (int64_t j = r.head + static_cast<int64_t>(threadIdx.x) * vec; j < r.body_end;
+         j += static_cast<int64_t>(blockDim.x) * vec) {
+      auto* u = reinterpret_cast<Vec16<scalar_t>*>(x + j);
+      Vec16<scalar_t> w = *u;
+#pragma unroll
+      for (int k = 0; k < vec; ++k) w.x[k] = f(j + k, w.x[k]);
+      *u = w;
+    }
+    for (int64_t j = r.body_end + threadIdx.x; j < n; j += blockDim.x) x[j] = f(j, x[j]);
+  } else {
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) x[j] = f(j, x[j]);
+  }
+}
+
 // STATS: the return_stats variant (argmax and entropy), a kernel of its own so that the plain
 // one carries none of its registers.
 template <typename scalar_t, typename acc_t, bool STATS>
@@ -536,63 +651,72 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
   const int64_t local = y - p.vocab_start;
   const int64_t target = (!ignored && !bad && local >= 0 && local < p.valid) ? local : -1;
 
-  acc_t m = ninf, s = 0, sf = 0, zy = 0;
-  acc_t t = 0, av = 0;  // return_stats: sum of exp(f - m) f; the argmax's value and (local) index
-  int ai = -1;
-  constexpr bool stats = STATS;
-  for (int64_t j = threadIdx.x; j < p.valid; j += blockDim.x) {
-    const acc_t f = transform(static_cast<acc_t>(zr[j]), p);
-    sf += p.cw ? p.cw[j] * f : f;
-    if (j == target) zy = f;
-    if (stats) argmax_merge(av, ai, f, static_cast<int>(j));
-    if (f == ninf) continue;
-    if (f > m) {
-      const acc_t r = exp(m - f);
-      s = s * r + acc_t(1);
-      if (stats) t = t * r + f;
-      m = f;
-    } else {
-      const acc_t e = exp(f - m);
-      s += e;  // NaN f: f > m is false, and the NaN lands in s
-      if (stats) t += e * f;
-    }
-  }
-  if (stats) {
-    acc_t m2 = m, s2 = s;
-    block_reduce_stats(m2, s2, t, av, ai);
-  }
-  block_reduce(m, s, sf, zy);
-  acc_t lse;
-  if (s > acc_t(0) || s != s) {
-    lse = m + log(s);
-  } else {
-    lse = sf != sf ? sf : ninf;
-  }
-  if (sf != sf) lse = sf;
-  if (threadIdx.x == 0) {
-    if (p.lse_out) p.lse_out[row] = lse;
-    if (stats) {
-      p.pred[row] = static_cast<int64_t>(ai >= 0 ? ai : 0) + p.vocab_start;
-      p.ent[row] = lse - (s > acc_t(0) ? t / s : acc_t(0));
-    }
-    if (p.loss_out) {
-      // the smoothing term only when eps > 0: a -inf logit never meets 0 * inf
-      acc_t loss;
-      if (p.cw) {
-        loss = p.cy[row] * ((acc_t(1) - p.eps) * (lse - zy) + p.z_loss * lse * lse);
-        if (p.eps != acc_t(0)) loss += p.eps * p.inv_vocab * (*p.cw_sum * lse - sf);
+  // The max/sum pass over the row, skipped where its lse is given and nothing else is asked for
+  // (the backward recomputing dL/dz from the forward's lse reads the row once). The condition is
+  // the same in every thread, so the block reductions' barriers are reached by all or by none.
+  const bool pass = p.lse_in == nullptr || p.lse_out != nullptr || p.loss_out != nullptr || p.stats != nullptr || STATS;
+  acc_t lse = 0;
+  if (pass) {
+    acc_t m = ninf, s = 0, sf = 0, zy = 0;
+    acc_t t = 0, av = 0;  // return_stats: sum of exp(f - m) f; the argmax's value and (local) index
+    int ai = -1;
+    for_each_in_row(zr, p.valid, [&](int64_t j, scalar_t raw) {
+      const acc_t f = transform(static_cast<acc_t>(raw), p);
+      sf += p.cw ? p.cw[j] * f : f;
+      if (j == target) zy = f;
+      if (STATS) argmax_merge(av, ai, f, static_cast<int>(j));
+      if (f == ninf) return;
+      if (f > m) {
+        const acc_t r = exp(m - f);
+        s = s * r + acc_t(1);
+        if (STATS) t = t * r + f;
+        m = f;
       } else {
-        loss = (acc_t(1) - p.eps) * (lse - zy) + p.z_loss * lse * lse;
-        if (p.eps != acc_t(0)) loss += p.eps * (lse - sf * p.inv_vocab);
+        const acc_t e = exp(f - m);
+        s += e;  // NaN f: f > m is false, and the NaN lands in s
+        if (STATS) t += e * f;
       }
-      if (ignored) loss = 0;
-      if (bad) loss = NAN;
-      p.loss_out[row] = loss;
+    });
+    if (STATS) {
+      acc_t m2 = m, s2 = s;
+      block_reduce_stats(m2, s2, t, av, ai);
     }
-    if (p.stats) {
-      p.stats[row] = lse;
-      p.stats[p.stats_stride + row] = zy;
-      p.stats[2 * p.stats_stride + row] = sf;
+    block_reduce(m, s, sf, zy);
+    if (s > acc_t(0) || s != s) {
+      lse = m + log(s);
+    } else {
+      lse = sf != sf ? sf : ninf;
+    }
+    if (sf != sf) lse = sf;
+    // A +inf logit: NaN, as PyTorch's log_softmax is across such a row (exp(inf - inf)). The block
+    // merge gives NaN wherever the +inf meets another thread's entries, but a thread's own entries
+    // after its +inf add exp(-inf) = 0: this makes the NaN independent of how the row is spread.
+    if (m == std::numeric_limits<acc_t>::infinity()) lse = std::numeric_limits<acc_t>::quiet_NaN();
+    if (threadIdx.x == 0) {
+      if (p.lse_out) p.lse_out[row] = lse;
+      if (STATS) {
+        p.pred[row] = static_cast<int64_t>(ai >= 0 ? ai : 0) + p.vocab_start;
+        p.ent[row] = lse - (s > acc_t(0) ? t / s : acc_t(0));
+      }
+      if (p.loss_out) {
+        // the smoothing term only when eps > 0: a -inf logit never meets 0 * inf
+        acc_t loss;
+        if (p.cw) {
+          loss = p.cy[row] * ((acc_t(1) - p.eps) * (lse - zy) + p.z_loss * lse * lse);
+          if (p.eps != acc_t(0)) loss += p.eps * p.inv_vocab * (*p.cw_sum * lse - sf);
+        } else {
+          loss = (acc_t(1) - p.eps) * (lse - zy) + p.z_loss * lse * lse;
+          if (p.eps != acc_t(0)) loss += p.eps * (lse - sf * p.inv_vocab);
+        }
+        if (ignored) loss = 0;
+        if (bad) loss = NAN;
+        p.loss_out[row] = loss;
+      }
+      if (p.stats) {
+        p.stats[row] = lse;
+        p.stats[p.stats_stride + row] = zy;
+        p.stats[2 * p.stats_stride + row] = sf;
+      }
     }
   }
   if (!p.write_grad) return;
@@ -611,12 +735,9 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
                         : g * (acc_t(1) + acc_t(2) * p.z_loss * l)) + gl;
   const acc_t b = g * p.eps * p.inv_vocab;
   const acc_t gt = g * cy * (acc_t(1) - p.eps);
-  for (int64_t j = threadIdx.x; j < p.v; j += blockDim.x) {
-    if (j >= p.valid) {
-      zr[j] = scalar_t(0);
-      continue;
-    }
-    const acc_t f = transform(static_cast<acc_t>(zr[j]), p);
+  map_row(zr, p.v, [&](int64_t j, scalar_t raw) {
+    if (j >= p.valid) return scalar_t(0);
+    const acc_t f = transform(static_cast<acc_t>(raw), p);
     acc_t chain = p.scale;
     if (p.cap > acc_t(0)) {
       const acc_t t = f * p.inv_cap;
@@ -624,8 +745,8 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
     }
     acc_t dz = a * exp(f - l) - (p.cw ? b * p.cw[j] : b);
     if (j == target) dz -= gt;
-    zr[j] = static_cast<scalar_t>(dz * chain);
-  }
+    return static_cast<scalar_t>(dz * chain);
+  });
 }
 
 void cuda_row_kernel(const RowTask& t, const LossOptions& o) {
