@@ -2,12 +2,15 @@
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+# re-exported: the check's pieces, which the Triton ops and their tests reach through this module
+from .._index_check import _DONE, _Done, _Pending, _tracing, device_record, on_gpu, pinned  # noqa: F401
+from .._index_check import check_indices as _check_indices
 
 
 def launcher(kernel):
@@ -118,20 +121,6 @@ def interpreted(t):
     return t.device.type == "cpu"
 
 
-def _tracing(t):
-    """True while torch.compile / make_fx / fake tensors trace the op body: no host reads then."""
-    if torch.compiler.is_compiling() or type(t) is not torch.Tensor:
-        return True
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return _get_current_dispatch_mode() is not None
-
-
-def on_gpu(t):
-    """Whether ``t`` takes the GPU path (a CUDA tensor) rather than the interpreter's."""
-    return t.device.type == "cuda"
-
-
 def device_guard(t):
     """Make ``t``'s device current for an op's launches: Triton launches on the current device and
     stream, so tensors on ``cuda:1`` with device 0 current would run on the wrong GPU (the C++ side's
@@ -148,74 +137,8 @@ def same_device(ref, **tensors):
             raise RuntimeError(f"tiedkernels: {name} is on {t.device} but the weight on {ref.device}")
 
 
-def pinned(n):
-    """A page-locked int64 host buffer: the target of an asynchronous device-to-host copy."""
-    return torch.empty((n,), dtype=torch.int64, pin_memory=True)
-
-
-class _Pending:
-    """The device-side result of an index check, read by the host after the op's kernels are queued."""
-
-    def __init__(self, record, host, event, what, n, extra):
-        self.record = record  # on the device: (bad?, position, value)
-        self.host, self.event, self.what, self.n, self.extra = host, event, what, n, extra
-
-    def finish(self):
-        """Wait for the check's own copy (recorded before the op's kernels, which keep the GPU busy
-        meanwhile; no stream or device synchronisation) and raise for a bad entry."""
-        self.event.synchronize()
-        bad, pos, val = (int(x) for x in self.host.tolist())
-        if bad:
-            raise IndexError(f"tiedkernels: {self.what} {val} at position {pos} is outside [0, V) for V={self.n}"
-                             f"{self.extra}")
-
-
-class _Done:
-    record = None
-
-    def finish(self):
-        return None
-
-
-_DONE = _Done()
-
-
-def device_record(flat, bad):
-    """[bad?, first bad position, its value] (int64) on ``flat``'s device, by device ops only:
-    ``flat[pos]`` with a 0-dim device tensor ``pos`` would be an ``.item()`` (a full device sync)."""
-    pos = bad.to(torch.int32).argmax().reshape(1).to(torch.int64)
-    return torch.cat([bad.any().reshape(1).to(torch.int64), pos, flat.gather(0, pos).to(torch.int64)])
-
-
 def check_indices(x, n, what, ignore_index=None):
-    """Ids/labels must lie in [0, n) (or equal ignore_index); IndexError names the first bad one.
-
-    CPU (the interpreter): checked right away.  CUDA (call it under ``device_guard(x)``): a few
-    small kernels find the first bad entry and copy (bad?, position, value) to pinned host memory,
-    with an event on ``x``'s stream; the caller queues its own kernels (which never read out of
-    bounds: a bad entry yields NaN) and then calls ``finish()``, which waits for that copy only,
-    and raises.  No host read before the kernels are queued.  Skipped while tracing or capturing
-    a CUDA graph (no host read is possible there), and everywhere when TIEDKERNELS_CHECK_INDICES=0;
-    the NaN marks the bad token then.
-    """
-    if x.numel() == 0 or os.environ.get("TIEDKERNELS_CHECK_INDICES", "1") == "0" or _tracing(x):
-        return _DONE
-    extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
-    flat = x.reshape(-1)
-    bad = (flat < 0) | (flat >= n)
-    if ignore_index is not None:
-        bad &= flat != ignore_index
-    if not on_gpu(flat):
-        if bool(bad.any()):
-            pos = int(bad.nonzero()[0, 0])
-            raise IndexError(f"tiedkernels: {what} {int(flat[pos])} at position {pos} is outside [0, V) for V={n}"
-                             f"{extra}")
-        return _DONE
-    if torch.cuda.is_current_stream_capturing():
-        return _DONE
-    record = device_record(flat, bad)
-    host = pinned(3)
-    host.copy_(record, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(flat.device))
-    return _Pending(record, host, event, what, n, extra)
+    """``_index_check.check_indices`` (CPU tensors at once, CUDA tensors through a pinned copy read
+    after the op's kernels are queued), with this module's ``on_gpu`` and ``pinned``: the seams
+    through which CPU tensors are sent down the GPU path (the interpreter runs the kernels)."""
+    return _check_indices(x, n, what, ignore_index, gpu=on_gpu(x), host=pinned)
