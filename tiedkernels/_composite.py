@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as _fwad
 
+from . import _index_check
 from ._torch_backend import _transform  # softcap((z) * scale): the same elementwise steps
+from ._torch_backend import check_index_range
 
 
 def _functorch_level():
@@ -80,13 +82,14 @@ def _stat_dtype(dtype):
 
 
 def _check_range(x, n, what, ignore_index=None):
-    """The same IndexError as the fused ops; skipped for a batched/wrapped index tensor (its values
-    cannot be read inside a transform), where the gather itself refuses an index out of range."""
+    """The same IndexError as the fused ops, as ``(pending, bad)`` of the torch backend's
+    ``check_index_range``: ``bad`` is the flat device mask on CUDA (the caller keeps its reads in
+    bounds with it and marks those entries with NaN, then calls ``pending.finish()``), None on the
+    CPU, which raised already.  Skipped for a batched/wrapped index tensor (its values cannot be
+    read inside a transform), where the gather itself refuses an index out of range."""
     if _wrapped(x) or x.numel() == 0:
-        return
-    from ._torch_backend import check_index_range
-
-    check_index_range(x, n, what, ignore_index)
+        return _index_check._DONE, None
+    return check_index_range(x, n, what, ignore_index)
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,8 +97,17 @@ def _check_range(x, n, what, ignore_index=None):
 
 
 def embedding(weight, ids, padding_idx):
-    _check_range(ids, weight.shape[0], "id")
-    return F.embedding(ids.long(), weight, padding_idx=padding_idx)
+    pending, bad = _check_range(ids, weight.shape[0], "id")
+    if bad is None:
+        return F.embedding(ids.long(), weight, padding_idx=padding_idx)
+    if weight.shape[0] == 0:  # every id is bad
+        out = weight.new_full((*ids.shape, weight.shape[1]), float("nan"))
+    else:  # a bad id reads row 0 and yields a NaN row
+        bad = bad.view(ids.shape)
+        out = F.embedding(torch.where(bad, 0, ids.long()), weight, padding_idx=padding_idx)
+        out = torch.where(bad.unsqueeze(-1), float("nan"), out)
+    pending.finish()
+    return out
 
 
 def embedding_grad(grad, ids, num_weights, padding_idx):
@@ -495,7 +507,12 @@ def linear_cross_entropy(hidden, weight, bias, labels, opts, class_weight=None, 
     with ``return_stats`` also the predicted tokens and the entropies (no derivative), as ``lce_fwd``."""
     o = Opts(*opts)
     total, _ = _vocab(o, weight.shape[0])
-    _check_range(labels, total, "label", o.ignore_index)
     if class_weight is not None and _differentiated(class_weight):
         raise NotImplementedError(NO_CLASS_WEIGHT_GRAD)
-    return _LCE.apply(hidden, weight, bias, labels, class_weight, _Static(o, bool(return_stats)))
+    pending, bad = _check_range(labels, total, "label", o.ignore_index)
+    if bad is not None:  # CUDA: a bad label reads c[0] and its token gets a NaN loss, lse and gradient
+        hidden = torch.where(bad.view(labels.shape).unsqueeze(1), float("nan"), hidden)
+        labels = torch.where(bad.view(labels.shape), 0, labels)
+    out = _LCE.apply(hidden, weight, bias, labels, class_weight, _Static(o, bool(return_stats)))
+    pending.finish()
+    return out

@@ -8,6 +8,7 @@ import functools
 
 import torch
 
+from . import _index_check
 from ._schemas import SCHEMAS
 
 PREFIX = "torch_"
@@ -18,29 +19,26 @@ def _stat_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _checks_on_device(x):
-    """Whether x's range check is queued on its device (CUDA): reading the answer on the host would
-    wait for the whole stream, once per call, and fail under CUDA-graph capture."""
-    return x.device.type == "cuda"
-
-
 def check_index_range(x, n, what, ignore_index=None):
-    """Values outside [0, n) (ignore_index allowed) raise.  On the CPU (any device but CUDA) an
-    IndexError naming the first one (the host read costs nothing there); on CUDA an asynchronous
-    device-side assert naming V, with no host synchronisation."""
+    """Values outside [0, n) (ignore_index allowed) raise an IndexError naming the first one, its
+    position and V.  Returns ``(pending, bad)``; the op calls ``pending.finish()`` once its work is
+    queued.  On the CPU (any device but CUDA) the check is made at once (the host read costs
+    nothing there): ``bad`` is None.  On CUDA a host read would wait for the whole stream, once per
+    call (and fail under CUDA-graph capture), and an out-of-bounds index would kill the context:
+    ``bad`` is then the flat device mask of the bad entries, with which the op keeps every read in
+    bounds and marks those entries with NaN, and ``finish()`` waits for the check's own copy only
+    (``_index_check.check_indices``)."""
     if x.numel() == 0:
-        return
-    bad = (x < 0) | (x >= n)
-    if ignore_index is not None:
-        bad &= x != ignore_index
+        return _index_check._DONE, None
     extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
-    if _checks_on_device(x):
-        torch._assert_async(bad.any().logical_not(), f"tiedkernels: some {what} is outside [0, V) for V={n}{extra}")
-        return
+    flat = x.reshape(-1)
+    bad = _index_check.out_of_range(flat, n, ignore_index)
+    if _index_check.on_gpu(x):
+        return _index_check.check_indices(x, n, what, ignore_index, gpu=True, bad=bad), bad
     if bool(bad.any()):
-        pos = int(bad.reshape(-1).nonzero()[0, 0])
-        val = int(x.reshape(-1)[pos])
-        raise IndexError(f"tiedkernels: {what} {val} at position {pos} is outside [0, V) for V={n}{extra}")
+        pos = int(bad.nonzero()[0, 0])
+        raise IndexError(f"tiedkernels: {what} {int(flat[pos])} at position {pos} is outside [0, V) for V={n}{extra}")
+    return _index_check._DONE, None
 
 
 # Tests only (set_cpu_lowp_gemm_path): None lets the CPU decide; "tiles" or "native" forces a path.
@@ -121,16 +119,31 @@ def _mm(a, b, bias=None):
 
 
 def embedding_fwd(weight, ids, padding_idx):
-    check_index_range(ids, weight.shape[0], "id")
-    return weight.index_select(0, ids.reshape(-1).long()).view(*ids.shape, weight.shape[1])
+    pending, bad = check_index_range(ids, weight.shape[0], "id")
+    idx = ids.reshape(-1).long()
+    if bad is None:
+        out = weight.index_select(0, idx)
+    elif weight.shape[0] == 0:  # every id is bad
+        out = weight.new_full((idx.shape[0], weight.shape[1]), float("nan"))
+    else:  # a bad id reads row 0 and yields a NaN row
+        out = torch.where(bad.unsqueeze(1), float("nan"), weight.index_select(0, torch.where(bad, 0, idx)))
+    out = out.view(*ids.shape, weight.shape[1])
+    pending.finish()
+    return out
 
 
-def _scatter(grad_weight, grad, ids, padding_idx):
+def _scatter(grad_weight, grad, ids, padding_idx, bad):
+    """grad_weight[ids[i]] += grad[i], rows at padding_idx left out (by a zero factor: a boolean
+    index would be a host sync on CUDA).  ``bad`` (CUDA): nothing is written when an id is bad."""
     idx = ids.reshape(-1).long()
     g = grad.reshape(-1, grad_weight.shape[1])
+    if bad is not None:
+        if grad_weight.shape[0] == 0:  # every id is bad
+            return
+        idx = torch.where(bad, 0, idx)
+        g = torch.where(bad.any(), 0, g)
     if padding_idx is not None:
-        keep = idx != padding_idx
-        idx, g = idx[keep], g[keep]
+        g = torch.where((idx != padding_idx)[:, None], g, 0)
     acc_dtype = _stat_dtype(grad_weight.dtype)
     if acc_dtype != grad_weight.dtype:
         acc = torch.zeros(grad_weight.shape, dtype=acc_dtype, device=grad_weight.device)
@@ -141,15 +154,17 @@ def _scatter(grad_weight, grad, ids, padding_idx):
 
 
 def embedding_bwd(grad, ids, num_weights, padding_idx):
-    check_index_range(ids, num_weights, "id")
+    pending, bad = check_index_range(ids, num_weights, "id")
     out = grad.new_zeros((num_weights, grad.shape[-1]))
-    _scatter(out, grad, ids, padding_idx)
+    _scatter(out, grad, ids, padding_idx, bad)
+    pending.finish()
     return out
 
 
 def embedding_bwd_acc_(grad_weight, grad, ids, padding_idx):
-    check_index_range(ids, grad_weight.shape[0], "id")
-    _scatter(grad_weight, grad, ids, padding_idx)
+    pending, bad = check_index_range(ids, grad_weight.shape[0], "id")
+    _scatter(grad_weight, grad, ids, padding_idx, bad)
+    pending.finish()
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,7 +245,9 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
     n, d = hidden.shape
     v = weight.shape[0]
     vt = _vocab_total(vocab_start, vocab_total, v)
-    check_index_range(labels, vt, "label", ignore_index)
+    pending, bad = check_index_range(labels, vt, "label", ignore_index)
+    if bad is not None:  # CUDA: a bad label's token gets a NaN loss, lse and gradient row
+        hidden = torch.where(bad.unsqueeze(1), float("nan"), hidden)
     valid = max(0, min(v, vt - vocab_start))
     sdt = _stat_dtype(hidden.dtype)
     labels = labels.long()
@@ -284,7 +301,9 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         fv = f[:, :valid]
         sumf = (fv * c_local[:valid]).sum(1) if c_local is not None else fv.sum(1)
         if cw is not None:
-            cy = torch.where(ignored, zero, cw[torch.where(ignored, torch.zeros_like(y), y)])
+            # a bad label (CUDA, reported by pending.finish()) reads c[0], never out of bounds
+            safe = torch.where(ignored | (y < 0) | (y >= vt), torch.zeros_like(y), y)
+            cy = torch.where(ignored, zero, cw[safe]) if vt > 0 else zero.expand(rows)
         else:
             cy = torch.ones((rows,), dtype=sdt, device=f.device)
         if mode == "stats":
@@ -338,6 +357,7 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         if want_db:
             db += dz.sum(0, dtype=sdt)
     if mode == "stats":
+        pending.finish()
         return stats
     if mode == "fwd":
         if gs is not None:
@@ -348,6 +368,7 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         loss = None
     dw = dw.to(weight.dtype) if want_dw else weight.new_empty((0,))
     db = db.to(weight.dtype) if want_db else weight.new_empty((0,))
+    pending.finish()
     return loss, lse, dh, dw, db, pred, ent
 
 

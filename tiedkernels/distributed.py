@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import _composite, _tie, backends
+from . import _composite, _index_check, _tie, backends
 from . import functional as tkf
 from ._torch_backend import check_index_range, cross_entropy_lse
 from .module import TiedEmbeddingHead, TiedOutputEmbedding
@@ -217,18 +217,21 @@ class _GatherLastDim(torch.autograd.Function):
 
 
 def _check_ids_range(ids, vocab_size):
+    """``(pending, bad)`` as the torch backend's ``check_index_range``: an IndexError at once on the
+    CPU, and on CUDA the flat device mask ``bad`` (the caller gives those ids NaN rows; its lookups
+    never leave a shard's rows) and ``pending.finish()`` once the embedding is queued.  Without
+    ``vocab_size`` only negative ids can be caught."""
     if ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    bad = ids < 0
+        return _index_check._DONE, None
     if vocab_size is not None:
-        bad |= ids >= vocab_size
-    if ids.device.type == "cpu":
-        if bool(bad.any()):
-            pos = int(bad.reshape(-1).nonzero()[0, 0])
-            raise IndexError(f"tiedkernels: id {int(ids.reshape(-1)[pos])} at position {pos} is outside [0, V) "
-                             f"for V={vocab_size}")
-    else:
-        torch._assert_async(~bad.any(), f"tiedkernels: an id is outside [0, V) for V={vocab_size}")
+        return check_index_range(ids, vocab_size, "id")
+    bad = ids.reshape(-1) < 0
+    return _index_check.check_indices(ids, None, "id", bad=bad), bad
+
+
+def _nan_rows(out, ids, bad):
+    """NaN rows of the embedding ``out`` at the ids that ``_check_ids_range`` found bad on the device."""
+    return out if bad is None else torch.where(bad.view(ids.shape).unsqueeze(-1), float("nan"), out)
 
 
 def _local_embed(ids, weight, vocab_start, valid, padding_idx, backend, tie):
@@ -297,17 +300,19 @@ def vocab_parallel_embedding(ids, weight_shard, *, vocab_start=None, vocab_size=
         vocab_size = int(vocab_size)
         if padding_idx is not None:
             padding_idx = tkf.normalize_padding_idx(padding_idx, vocab_size)
-        _check_ids_range(ids, vocab_size)
+        pending, bad = _check_ids_range(ids, vocab_size)
         valid = max(0, min(vl, vocab_size - vocab_start))
     else:
         # Without the global V only negative ids can be caught here; ids past every shard read zeros.
         if padding_idx is not None and padding_idx < 0:
             raise tkf.TiedKernelsError("tiedkernels: a negative padding_idx needs vocab_size")
-        _check_ids_range(ids, None)
+        pending, bad = _check_ids_range(ids, None)
         valid = vl
     seq_dim = _norm_seq_dim(sequence_dim, ids.dim()) if sequence_parallel else None
-    out = _local_embed(ids, weight_shard, vocab_start, valid, padding_idx, backend, tie=False)
-    return _reduce_embedding(out, group, sequence_parallel, seq_dim)
+    out = _nan_rows(_local_embed(ids, weight_shard, vocab_start, valid, padding_idx, backend, tie=False), ids, bad)
+    out = _reduce_embedding(out, group, sequence_parallel, seq_dim)
+    pending.finish()
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,9 +334,12 @@ class _VocabParallelLCE(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, cfg):
         (ignore_index, softcap, logit_scale, vocab_start, vocab_total, chunk) = cfg.opts
         if weight.shape[0] == 0:  # an empty shard (DTensor's last ranks when P does not divide V)
-            check_index_range(labels, vocab_total, "label", ignore_index)  # as the other ranks' kernels do
+            pending, bad = check_index_range(labels, vocab_total, "label", ignore_index)  # as the other ranks' kernels do
             stats = hidden.new_zeros((3, hidden.shape[0]), dtype=_reduce_dtype(hidden.dtype))
             stats[0] = float("-inf")
+            if bad is not None:  # CUDA: NaN statistics for a bad label, as the other ranks' ops give
+                stats = torch.where(bad, float("nan"), stats)
+            pending.finish()
         else:
             stats = cfg.op_stats(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, vocab_start,
                                  vocab_total, chunk, class_weight=cfg.class_weight)
@@ -343,7 +351,9 @@ class _VocabParallelLCE(torch.autograd.Function):
         cw = cfg.class_weight
         if cw is not None:
             keep = labels != ignore_index
-            cy = torch.where(keep, cw.to(stats.dtype)[torch.where(keep, labels, 0).long()], 0.0)
+            # a bad label (reported by the check, or NaN with the check off) reads c[0], never out of bounds
+            safe = torch.where(keep & (labels >= 0) & (labels < cw.shape[0]), labels, 0).long()
+            cy = torch.where(keep, cw.to(stats.dtype)[safe], 0.0)
             zy = stats[1] * cy
         else:
             zy = stats[1]
@@ -610,11 +620,13 @@ class VocabParallelTiedEmbeddingHead(TiedEmbeddingHead):
     def embed(self, ids):
         tkf.check_index_dtype(ids, "ids")
         tkf.check_device(ids, "ids", self.weight)
-        _check_ids_range(ids, self.num_embeddings)
+        pending, bad = _check_ids_range(ids, self.num_embeddings)
         seq_dim = _norm_seq_dim(self.sequence_dim, ids.dim()) if self.sequence_parallel else None
         out = _local_embed(ids, self.weight, self.vocab_start, self.vocab_stop - self.vocab_start, self.padding_idx,
                            self.backend, tie=True)
-        return _reduce_embedding(out, self.process_group, self.sequence_parallel, seq_dim)
+        out = _reduce_embedding(_nan_rows(out, ids, bad), self.process_group, self.sequence_parallel, seq_dim)
+        pending.finish()
+        return out
 
     # -- the head -----------------------------------------------------------------------
     def _hidden(self, hidden):
