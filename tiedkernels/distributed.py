@@ -226,7 +226,7 @@ def _check_ids_range(ids, vocab_size):
     if vocab_size is not None:
         return check_index_range(ids, vocab_size, "id")
     bad = ids.reshape(-1) < 0
-    return _index_check.check_indices(ids, None, "id", bad=bad), bad
+    return _index_check.check_indices(ids, None, "id", bad=bad), bad if _index_check.on_gpu(ids) else None
 
 
 def _nan_rows(out, ids, bad):
