@@ -143,7 +143,7 @@ def _scatter(grad_weight, grad, ids, padding_idx, bad):
         idx = torch.where(bad, 0, idx)
         g = torch.where(bad.any(), 0, g)
     if padding_idx is not None:
-        g = torch.where((idx != padding_idx)[:, None], g, 0)
+        g = torch.where((idx != padding_idx).unsqueeze(1), g, 0)
     acc_dtype = _stat_dtype(grad_weight.dtype)
     if acc_dtype != grad_weight.dtype:
         acc = torch.zeros(grad_weight.shape, dtype=acc_dtype, device=grad_weight.device)
