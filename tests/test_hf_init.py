@@ -18,8 +18,8 @@ import tiedkernels.hf as tkhf  # noqa: E402
 from tiedkernels.hf import _patch  # noqa: E402
 from tiedkernels.hf._modules import HFTiedEmbedding, HFTiedOutput  # noqa: E402
 from tiedkernels.hf._ties import same_values  # noqa: E402
-from _hf_testing import (ARCHS, batch, build, compare_models, meta_init, nan_empty,  # noqa: E402
-                         save_with_separate_head)
+from _hf_testing import (ARCHS, batch, build, compare_models, fill_unset_buffers, meta_init,  # noqa: E402
+                         nan_empty, save_with_separate_head)
 
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 LOAD = {"dtype": torch.float64} if V5 else {"torch_dtype": torch.float64}
@@ -166,19 +166,6 @@ def test_separate_weights_on_meta_follow_transformers_and_loads_are_checked():
 # item 3: every init path gives stock's parameters and buffers
 
 
-def fill_v4_unset_buffers(models, stock):
-    """transformers v4's init_weights leaves the non-persistent buffers it did not build (the rotary
-    inv_freq, BERT's position_ids) as to_empty left them, stock and patched alike (compare_models has
-    checked they are the same on both sides): give both the built model's, so the logits compare.
-    v5 sets every one of them."""
-    if V5:
-        return
-    with torch.no_grad():
-        for n, buf in stock.named_buffers():
-            for m in models:
-                m.get_buffer(n).copy_(buf)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_meta_construction_init_weights_and_load(arch):
     """Constructed on the meta device, patched there, to_empty() (NaN-filled), init_weights(), a
@@ -190,7 +177,8 @@ def test_meta_construction_init_weights_and_load(arch):
     model = quiet(meta_init, type(stock), stock.config, stock.state_dict(), patched=True)
     assert_patched_and_tied(model)
     compare_models(model, ref, "meta init")
-    fill_v4_unset_buffers((model, ref), stock)
+    for m in (model, ref):
+        fill_unset_buffers(m, stock)
     b = batch(arch, stock)
     want = logits(ref, arch, b)
     assert not want.isnan().any()
@@ -222,7 +210,8 @@ def test_init_weights_module_by_module(arch):
     ref, model = out
     assert_patched_and_tied(model)
     compare_models(model, ref, "_init_weights")
-    fill_v4_unset_buffers((model, ref), stock)
+    for m in (model, ref):
+        fill_unset_buffers(m, stock)
     b = batch(arch, stock)
     torch.testing.assert_close(logits(model, arch, b), logits(ref, arch, b), **LOGITS)
 
