@@ -603,3 +603,115 @@ def test_cost_model_launch_plan_matches_the_profile():
         want = sum(1 for x in plan if x["kernel"] == ours)
         assert got == want, f"{ours}: the GPU launched {got}, the model counts {want}; launches: {names}"
     assert len(names) >= len(plan) - 2, (len(names), len(plan), names)  # the model's two 1-element ops may fuse
+
+
+# ------------------------------------------------------------------------------------------
+# The row kernel's 16-byte loads, the backward that skips the max/sum pass, +inf logits, and the
+# sorted embedding backward's long runs.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("v", [7, 123, 4099])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_row_kernel_odd_rows_forward_and_recompute(backend, v, bias, dtype):
+    """Rows of an odd V start anywhere (the row kernel reads a scalar head up to a 16-byte boundary,
+    whole vectors, a scalar tail), V=7 is less than one vector, D is odd, and a chunk of 5 rows puts
+    rows at every offset; a bias keeps the logits in fp32 (4-byte rows). The loss, lse, dh and dW of
+    the gradient-in-forward call, and dh and dW of the backward that recomputes from the saved lse
+    (lce_bwd: the max/sum pass skipped), against fp64."""
+    n, d, chunk = 37, 33, 5
+    opts = dict(label_smoothing=0.1, z_loss=1e-3)
+    h = torch.randn(n, d, dtype=F64)
+    w = torch.randn(v, d, dtype=F64) * 0.5
+    b = torch.randn(v, dtype=F64) if bias else None
+    y = torch.randint(0, v, (n,))
+    y[3] = -100
+    g = torch.rand(n, dtype=F64) + 0.5
+
+    def ref(prec):
+        hh, ww = h.to(prec).requires_grad_(), w.to(prec).requires_grad_()
+        bb = b.to(prec) if bias else None
+        loss, lse = R.linear_cross_entropy(hh, ww, y, bias=bb, reduction="none", return_lse=True, **opts)
+        dh, dw = torch.autograd.grad(loss, [hh, ww], g.to(loss.dtype))
+        return loss.detach(), lse.detach(), dh, dw
+
+    r64, rlow = ref(F64), ref(dtype)
+    hc, wc = h.to(dtype).cuda(), w.to(dtype).cuda()
+    bc = b.to(dtype).cuda() if bias else None
+    yc, gc = y.cuda(), g.float().cuda()
+    with torch.no_grad():
+        op = _gpu_op(backend, "lce_fwd")
+        loss, lse, *_ = op(hc, wc, bc, yc, None, -100, 0.1, 1e-3, 0.0, 1.0, 0, v, chunk, False, False, False)
+        _, _, dh, dw, *_ = op(hc, wc, bc, yc, gc, -100, 0.1, 1e-3, 0.0, 1.0, 0, v, chunk, True, True, False)
+        bdh, bdw, _ = _gpu_op(backend, "lce_bwd")(gc, hc, wc, bc, yc, lse, -100, 0.1, 1e-3, 0.0, 1.0, 0, v, chunk,
+                                                   True, True, False)
+    for what, out, i in (("loss", loss, 0), ("lse", lse, 1), ("dh", dh, 2), ("dW", dw, 3), ("lce_bwd dh", bdh, 2),
+                         ("lce_bwd dW", bdw, 3)):
+        assert_close(out.cpu(), r64[i], rlow[i], dtype=dtype, name=f"{what} ({backend}, V={v})")
+
+
+@pytest.mark.parametrize("v", [3, 8, 16, 123])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plus_inf_logit_gives_nan_loss_and_gradient(backend, v, dtype):
+    """A +inf logit makes PyTorch's log_softmax NaN across its row, so the token's loss and its row of
+    dL/dz (hence dh) are NaN, however few entries the row has (with 16-byte loads a short row is one
+    thread's), in both strategies; the lse returned is torch.logsumexp's (+inf) and the entropy NaN
+    (its softmax is NaN), as on the CPU backends."""
+    n, d = 6, 5
+    h = torch.randn(n, d, dtype=F64)
+    w = torch.randn(v, d, dtype=F64)
+    b = torch.zeros(v, dtype=F64)
+    b[v // 2] = float("inf")  # every row holds +inf at column v // 2
+    y = torch.randint(0, v, (n,))
+    y[1] = -100  # an ignored row: its gradient row is NaN too (PyTorch's 0 * NaN)
+    z = (h @ w.t() + b).float()
+    assert torch.isnan(F.cross_entropy(z, y, reduction="none")[y != -100]).all()
+    wc, bc, yc = w.to(dtype).cuda(), b.to(dtype).cuda(), y.cuda()
+    for reduction in ("none", "sum"):  # recompute from the saved lse; the gradient in the forward
+        hc = h.to(dtype).cuda().requires_grad_()
+        loss, lse = tk.linear_cross_entropy(hc, wc, yc, bias=bc, reduction=reduction, return_lse=True,
+                                            backend=backend)
+        lossc = loss.cpu()
+        assert torch.isnan(lossc if reduction == "sum" else lossc[y != -100]).all(), f"{backend}, V={v}: {lossc}"
+        assert torch.equal(lse.cpu(), torch.full((n,), float("inf"))), f"{backend}, V={v}: lse {lse.cpu()}"
+        (dh,) = torch.autograd.grad(loss.sum(), [hc])
+        assert torch.isnan(dh.cpu()).all(), f"{backend}, V={v} ({reduction}): {dh.cpu()}"
+    stats = tk.linear_cross_entropy(h.to(dtype).cuda(), wc, yc, bias=bc, reduction="none", return_stats=True,
+                                    backend=backend)
+    assert torch.isnan(stats.entropy.cpu()).all(), f"{backend}, V={v}: entropy {stats.entropy.cpu()}"
+    assert torch.equal(stats.predictions.cpu(), torch.full((n,), v // 2)), "predictions: the +inf column"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("d", [33, 128, 300])
+def test_embedding_backward_long_runs(backend, d, dtype):
+    """Runs of 31, 32, 33 and 500 equal ids (the CUDA kernel sums a run of 32 or more per tile of 128
+    columns, a shorter one in one block over all of D), a run on the padding row, and random ids; in
+    deterministic mode. Each row is the run's gradients summed in fp32 in the order of their
+    positions and rounded once, bitwise, whatever the tiling; all of it against fp64."""
+    v, pad = 64, 3
+    ids = torch.cat([torch.full((31,), 5), torch.full((32,), 9), torch.full((33,), 2), torch.full((500,), 7),
+                     torch.full((40,), pad), torch.randint(0, v, (200,))])
+    ids = ids[torch.randperm(ids.numel())].reshape(4, -1)
+    grad = torch.randn(*ids.shape, d, dtype=F64)
+    flat, g2 = ids.reshape(-1), grad.to(dtype).reshape(-1, d)
+    expect = torch.zeros(v, d, dtype=F64).index_add_(0, flat, grad.reshape(-1, d))
+    lowp = torch.zeros(v, d, dtype=dtype).index_add_(0, flat, g2)
+    expect[pad], lowp[pad] = 0, 0
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        op = _gpu_op(backend, "embedding_bwd")
+        out = op(grad.to(dtype).cuda(), ids.cuda(), v, pad)
+        again = op(grad.to(dtype).cuda(), ids.cuda(), v, pad)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+    assert torch.equal(out, again), "the deterministic path must be bitwise repeatable"
+    out = out.cpu()
+    assert torch.all(out[pad] == 0), "the padding row got a gradient"
+    for row in (5, 9, 2, 7):
+        acc = torch.zeros(d, dtype=torch.float32)
+        for q in (flat == row).nonzero().flatten().tolist():
+            acc += g2[q].float()
+        assert torch.equal(out[row], acc.to(dtype)), f"row {row}: not the in-order fp32 sum rounded once"
+    assert_close(out, expect, lowp, dtype=dtype, name=f"embedding_bwd long runs ({backend}, D={d})")

@@ -691,9 +691,14 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
     // A +inf logit: NaN, as PyTorch's log_softmax is across such a row (exp(inf - inf)). The block
     // merge gives NaN wherever the +inf meets another thread's entries, but a thread's own entries
     // after its +inf add exp(-inf) = 0: this makes the NaN independent of how the row is spread.
-    if (m == std::numeric_limits<acc_t>::infinity()) lse = std::numeric_limits<acc_t>::quiet_NaN();
+    const bool pinf = m == std::numeric_limits<acc_t>::infinity();
+    if (pinf) lse = std::numeric_limits<acc_t>::quiet_NaN();
+    // The lse handed out is torch.logsumexp's: +inf for a row holding +inf and no NaN (sf is NaN when
+    // the row holds a NaN, and also when it holds -inf beside the +inf: NaN there, a documented edge).
+    // The backward maps a given +inf back to NaN (below), so its gradient row is NaN as PyTorch's.
+    const acc_t lse_rep = pinf && !(sf != sf) ? std::numeric_limits<acc_t>::infinity() : lse;
     if (threadIdx.x == 0) {
-      if (p.lse_out) p.lse_out[row] = lse;
+      if (p.lse_out) p.lse_out[row] = lse_rep;
       if (STATS) {
         p.pred[row] = static_cast<int64_t>(ai >= 0 ? ai : 0) + p.vocab_start;
         p.ent[row] = lse - (s > acc_t(0) ? t / s : acc_t(0));
@@ -713,7 +718,7 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
         p.loss_out[row] = loss;
       }
       if (p.stats) {
-        p.stats[row] = lse;
+        p.stats[row] = lse_rep;  // merged across shards as the CPU backend's: +inf stays, NaN for the loss
         p.stats[p.stats_stride + row] = zy;
         p.stats[2 * p.stats_stride + row] = sf;
       }
@@ -721,7 +726,8 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(scalar_t* __restrict__
   }
   if (!p.write_grad) return;
   const acc_t gl = p.gl ? p.gl[row] : acc_t(0);
-  const acc_t l = p.lse_in ? p.lse_in[row] : lse;
+  acc_t l = p.lse_in ? p.lse_in[row] : lse;
+  if (l == std::numeric_limits<acc_t>::infinity()) l = std::numeric_limits<acc_t>::quiet_NaN();  // a +inf logit
   if (bad || (ignored && gl == acc_t(0) && isfinite(l))) {
     const scalar_t fill = static_cast<scalar_t>(ignored ? acc_t(0) : acc_t(NAN));
     for (int64_t j = threadIdx.x; j < p.v; j += blockDim.x) zr[j] = j < p.valid ? fill : scalar_t(0);
