@@ -179,9 +179,11 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     The input embedding becomes the head, the output embedding (``lm_head``, BERT's decoder) its
     ``output_embeddings``; both keep the model's own ``Parameter`` (and BERT's bias ``Parameter``),
     so parameter count, state-dict keys and checkpoints do not change. With ``fused_loss`` a
-    forward that gets ``labels`` computes the loss with the fused projection + cross-entropy and
-    returns ``logits=None`` (pass ``return_logits=True`` to ``patch`` or to one forward call to get
-    the logits and the stock loss instead). Idempotent: patching again only updates the options.
+    training-mode forward (``model.training``) that gets ``labels`` computes the loss with the fused
+    projection + cross-entropy and returns the logits unbuilt (a ``LazyLogits`` placeholder, built
+    exactly if read); in eval mode the forward is the stock one (pass ``return_logits=True`` to
+    ``patch`` or to one forward call to get the logits and the stock loss in training mode too).
+    Idempotent: patching again only updates the options.
 
     A model whose config does not tie its word embeddings is refused, and so is one whose input and
     output weights are separate tensors that are not equal copies (a checkpoint that stores its own
