@@ -185,8 +185,9 @@ def test_vocab_parallel_nonfinite_matches_pytorch(backend, where):
 @pytest.mark.parametrize("where", ["hidden", "weight", "bias"])
 def test_nonfinite_stats(backend, where):
     """return_stats on the same inputs: the loss is PyTorch's, the statistics those of the
-    reference's definitions (the entropy of a row holding +inf is lse - 0 = +inf: its softmax is NaN
-    everywhere and only entries of probability > 0 add; the argmax is torch.argmax's)."""
+    reference's definitions (the entropy of a row holding +inf is NaN: its softmax is NaN everywhere,
+    as TRL's logsumexp(z) - Σ p z gives; only entries of probability exactly 0 are left out; the argmax is
+    torch.argmax's)."""
     from tiedkernels import reference
 
     if backends.why_not(backend, "cpu") is not None:

@@ -407,7 +407,7 @@ def _forward(hidden, weight, bias, labels, class_weight, o, stats=False):
         outs[1].append(lse)
         if stats:
             p = torch.exp(f - lse[:, None])
-            pz = torch.where(p > 0, p * f, torch.zeros((), dtype=sdt, device=f.device))  # 0, even at z = -inf
+            pz = torch.where(p == 0, torch.zeros((), dtype=sdt, device=f.device), p * f)  # 0 at z = -inf; NaN stays
             outs[2].append(torch.argmax(f, dim=1) + o.vocab_start)
             outs[3].append(lse - pz.sum(1))
     if not outs[0]:

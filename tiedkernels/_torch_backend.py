@@ -320,7 +320,7 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
             lse[start : start + rows] = row_lse
             if stats_on:
                 p = torch.exp(f - row_lse[:, None])
-                pz = torch.where(p > 0, p * f, zero)  # an entry of probability 0 adds 0, even at z = -inf
+                pz = torch.where(p == 0, zero, p * f)  # probability 0 adds 0, even at z = -inf; a NaN stays
                 pred[start : start + rows] = torch.argmax(f, dim=1) + vocab_start if v > 0 else vocab_start
                 ent[start : start + rows] = row_lse - pz.sum(1)
         if not grads:

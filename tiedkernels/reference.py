@@ -73,7 +73,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         loss, zl_red = tok.sum() / denom, zl.sum() / denom
     if return_stats:
         p = torch.softmax(z, -1)
-        pz = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1)
+        pz = torch.where(p == 0, torch.zeros_like(z), p * z).sum(-1)  # probability 0 adds 0 (z = -inf); NaN stays
         pred = z.argmax(-1)
         hits = ((pred == labels) & mask).sum().to(lse.dtype)
         acc = hits / mask.sum().clamp(min=1).to(lse.dtype)

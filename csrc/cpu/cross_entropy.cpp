@@ -155,8 +155,9 @@ TK_ALWAYS_INLINE void process_row(acc_t* f, const RowIn<acc_t>& in, const Consts
     bool nan = false;
     for (int64_t j = 0; j < valid; ++j) nan |= f[j] != f[j];
     out.lse = nan ? lse : m;
-    // softmax is NaN on every entry there, and NaN entries are not probabilities > 0: lse - 0
-    if (in.stats) out.entropy = out.lse;
+    // softmax is NaN on every entry there, so is Σ p z and the entropy (TRL's logsumexp(z) - Σ p z;
+    // only entries of probability exactly 0 are left out of the sum)
+    if (in.stats) out.entropy = std::numeric_limits<acc_t>::quiet_NaN();
   }
   const acc_t eps = c.eps;
   if (in.ignored) {
