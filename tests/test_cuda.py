@@ -128,6 +128,18 @@ def test_op_level_properties(on_gpu, backend):
     core.test_lse_of_many_near_equal_logits(backend)
 
 
+def _embedding_bwd_twice(backend, grad, ids, v, padding_idx, deterministic):
+    """The embedding backward op on the GPU, called twice with ``torch.use_deterministic_algorithms``
+    set to ``deterministic`` (restored after)."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        op = _gpu_op(backend, "embedding_bwd")
+        return op(grad.cuda(), ids.cuda(), v, padding_idx), op(grad.cuda(), ids.cuda(), v, padding_idx)
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
 @pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_embedding_backward_paths(backend, deterministic, dtype):
@@ -137,14 +149,7 @@ def test_embedding_backward_paths(backend, deterministic, dtype):
     ids[0, 0] = v - 1
     grad = torch.randn(64, 33, d, dtype=F64)
     expect = torch.zeros(v, d, dtype=F64).index_add_(0, ids.reshape(-1), grad.reshape(-1, d))
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic)
-    try:
-        op = _gpu_op(backend, "embedding_bwd")
-        out = op(grad.to(dtype).cuda(), ids.cuda(), v, None)
-        again = op(grad.to(dtype).cuda(), ids.cuda(), v, None)
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    out, again = _embedding_bwd_twice(backend, grad.to(dtype), ids, v, None, deterministic)
     if deterministic or dtype != torch.float32:
         assert torch.equal(out, again), "the sorted path must be bitwise repeatable"
     lowp = torch.zeros(v, d, dtype=dtype).index_add_(0, ids.reshape(-1), grad.to(dtype).reshape(-1, d))
@@ -698,14 +703,7 @@ def test_embedding_backward_long_runs(backend, d, dtype):
     expect = torch.zeros(v, d, dtype=F64).index_add_(0, flat, grad.reshape(-1, d))
     lowp = torch.zeros(v, d, dtype=dtype).index_add_(0, flat, g2)
     expect[pad], lowp[pad] = 0, 0
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        op = _gpu_op(backend, "embedding_bwd")
-        out = op(grad.to(dtype).cuda(), ids.cuda(), v, pad)
-        again = op(grad.to(dtype).cuda(), ids.cuda(), v, pad)
-    finally:
-        torch.use_deterministic_algorithms(prev)
+    out, again = _embedding_bwd_twice(backend, grad.to(dtype), ids, v, pad, True)
     assert torch.equal(out, again), "the deterministic path must be bitwise repeatable"
     out = out.cpu()
     assert torch.all(out[pad] == 0), "the padding row got a gradient"
