@@ -68,6 +68,15 @@ def build(arch, vocab=96, seed=0, dtype=torch.float64, **overrides):
     return model.eval()
 
 
+def _masked_labels(ids, g):
+    """Masked-LM labels: about 40% of the positions (position 1 always) keep their id, the rest -100."""
+    labels = torch.full_like(ids, -100)
+    mask = torch.rand(ids.shape, generator=g) < 0.4
+    mask[:, 1] = True
+    labels[mask] = ids[mask]
+    return labels
+
+
 def batch(arch, model, batch_size=2, seq=9, seed=1):
     """Inputs with ``labels`` (some ignored) for ``model``'s task."""
     v = model.config.vocab_size
@@ -76,11 +85,7 @@ def batch(arch, model, batch_size=2, seq=9, seed=1):
     labels = ids.clone()
     labels[0, :2] = -100
     if arch == "bert":
-        labels = torch.full_like(ids, -100)
-        mask = torch.rand(ids.shape, generator=g) < 0.4
-        mask[:, 1] = True
-        labels[mask] = ids[mask]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": _masked_labels(ids, g)}
     if arch in ("t5", "bart"):
         tgt = torch.randint(3, v, (batch_size, seq - 2), generator=g)
         tgt[1, -1] = -100
@@ -263,11 +268,7 @@ def zoo_batch(model, task, batch_size=2, seq=9, seed=1):
     hi = min(ZOO_SPECIAL, emb.weight.shape[0])
     ids = torch.randint(3, hi, (batch_size, seq), generator=g)
     if task == "masked":
-        labels = torch.full_like(ids, -100)
-        mask = torch.rand(ids.shape, generator=g) < 0.4
-        mask[:, 1] = True
-        labels[mask] = ids[mask]
-        return {"input_ids": ids, "labels": labels}
+        return {"input_ids": ids, "labels": _masked_labels(ids, g)}
     if task == "seq2seq" and model.config.is_encoder_decoder:
         tgt = torch.randint(3, hi, (batch_size, seq - 2), generator=g)
         tgt[1, -1] = -100

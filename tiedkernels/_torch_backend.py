@@ -30,13 +30,13 @@ def check_index_range(x, n, what, ignore_index=None):
     (``_index_check.check_indices``)."""
     if x.numel() == 0:
         return _index_check._DONE, None
-    extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
     flat = x.reshape(-1)
     bad = _index_check.out_of_range(flat, n, ignore_index)
     if _index_check.on_gpu(x):
         return _index_check.check_indices(x, n, what, ignore_index, gpu=True, bad=bad), bad
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
+        extra = "" if ignore_index is None else f" and is not ignore_index={ignore_index}"
         raise IndexError(f"tiedkernels: {what} {int(flat[pos])} at position {pos} is outside [0, V) for V={n}{extra}")
     return _index_check._DONE, None
 
