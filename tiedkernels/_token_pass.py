@@ -1,0 +1,178 @@
+"""The chunked pass behind the token-level objectives and distillation (``objectives.py``, ``distill.py``).
+
+Per row chunk of the hidden states it builds that chunk's final logits once,
+
+    z = softcap(row_scale_i · logit_scale · (h_i Wᵀ + b)) · inv_temp_i
+
+(``row_scale`` and ``inv_temp`` are optional per-token factors: a logit scale per token before the
+cap, one over a temperature per token after it, as TRL and vLLM divide the final logits), takes from
+them each token's statistics
+
+    lse_i = logsumexp(z_i),  logp_i = z_iy - lse_i,  H_i = lse_i - Σ_j p_ij z_ij   (p = softmax(z))
+
+and, given per-token coefficients ``(A, B, C)`` of a loss's derivative with respect to
+``(logp, H, lse)``, the gradient of the logits
+
+    dL/dz_ij = A_i ([j = y_i] - p_ij) - B_i p_ij (z_ij - Σ_k p_ik z_ik) + C_i p_ij
+
+chained through the temperature, the cap and the scale, and the chunk's ``dh = dz W``,
+``dW += dzᵀ h`` (one fp32 accumulator for low-precision inputs) and ``db += Σ_i dz_i``. Where the
+coefficients are known once the chunk's statistics are (a token-local objective), they come from a
+callback in the same pass: three GEMMs of the chunk, 6·N·D·V flops for the step. The ``[N, V]``
+logits never exist; a chunk's do, in fp32.
+
+Plain PyTorch on every device: the GEMMs go to MKL/oneDNN or cuBLAS (low-precision CPU GEMMs
+without native instructions through the fp32 tiles of the torch backend); the row work is a few
+elementwise passes over the chunk's logits.
+"""
+
+import torch
+
+from . import _torch_backend as _tb
+
+
+def stat_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Logits:
+    """How a row chunk's final logits are made from the hidden states (shared by student and teacher)."""
+
+    def __init__(self, hidden, weight, bias=None, logit_scale=1.0, softcap=0.0, row_scale=None, inv_temp=None):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.logit_scale, self.softcap = float(logit_scale), float(softcap)
+        self.row_scale, self.inv_temp = row_scale, inv_temp  # [N] in the statistics dtype, or None
+        self.sdt = stat_dtype(hidden.dtype)
+
+    def chunk(self, start, rows):
+        """(z [rows, V] in the statistics dtype, the cap's tanh or None)."""
+        hc = self.hidden[start:start + rows]
+        z = _tb._mm(hc, self.weight.t(), self.bias).to(self.sdt)
+        scale = self.logit_scale
+        if self.row_scale is not None:
+            z = z.mul_(self.row_scale[start:start + rows, None] * scale)
+        elif scale != 1.0:
+            z = z.mul_(scale)
+        t = None
+        if self.softcap > 0:
+            t = torch.tanh(z.div_(self.softcap))
+            z = t * self.softcap
+        if self.inv_temp is not None:
+            z = z.mul_(self.inv_temp[start:start + rows, None])
+        return z, t
+
+    def chain(self, dz, t, start, rows):
+        """dL/d(h Wᵀ + b) from dL/dz of the chunk, in place."""
+        if self.inv_temp is not None:
+            dz.mul_(self.inv_temp[start:start + rows, None])
+        if t is not None:
+            dz.mul_(1 - t * t)
+        if self.row_scale is not None:
+            dz.mul_(self.row_scale[start:start + rows, None] * self.logit_scale)
+        elif self.logit_scale != 1.0:
+            dz.mul_(self.logit_scale)
+        return dz
+
+
+def softmax_stats(z):
+    """(p, lse, S = Σ p z) of each row of ``z``; a probability 0 adds 0 to S even at z = -inf."""
+    lse = torch.logsumexp(z, dim=1)
+    p = torch.exp(z - lse[:, None])
+    pz = torch.where(p == 0, torch.zeros((), dtype=z.dtype, device=z.device), p * z)
+    return p, lse, pz.sum(1)
+
+
+def label_logits(z, y, keep):
+    """z[i, y_i] where the token is kept, else 0 (an ignored label is never read)."""
+    if z.shape[1] == 0:
+        return z.new_zeros((z.shape[0],))
+    safe = torch.where(keep, y, torch.zeros_like(y))
+    return torch.where(keep, z.gather(1, safe[:, None]).squeeze(1), torch.zeros((), dtype=z.dtype, device=z.device))
+
+
+class Grads:
+    """The chunk GEMMs' outputs: dh [N, D], the fp32 dW accumulator, db."""
+
+    def __init__(self, hidden, weight, bias, want):
+        n, d = hidden.shape
+        v = weight.shape[0]
+        self.want_dh, self.want_dw, self.want_db = want[0], want[1], want[2] and bias is not None
+        sdt = stat_dtype(hidden.dtype)
+        self.hidden, self.weight, self.sdt = hidden, weight, sdt
+        self.dh = hidden.new_empty((n, d)) if self.want_dh else None
+        self.dw = weight.new_zeros((v, d), dtype=sdt) if self.want_dw else None
+        self.db = weight.new_zeros((v,), dtype=sdt) if self.want_db else None
+
+    def add(self, dz, start, rows):
+        """The chunk's dz [rows, V] (statistics dtype) into dh, dW and db."""
+        hc = self.hidden[start:start + rows]
+        dzl = dz.to(self.hidden.dtype)
+        if self.want_dh:
+            self.dh[start:start + rows] = _tb._mm(dzl, self.weight)
+        if self.want_dw:
+            if self.sdt == hc.dtype:
+                self.dw.addmm_(dzl.t(), hc)
+            elif hc.device.type == "cuda":  # cuBLAS: low-precision inputs, fp32 accumulation and output
+                torch.addmm(self.dw, dzl.t(), hc, out_dtype=self.sdt, out=self.dw)
+            else:  # the rounded dz (as the GEMMs of the other backends see it), summed in fp32
+                self.dw.addmm_(dzl.t().to(self.sdt), hc.to(self.sdt))
+        if self.want_db:
+            self.db += dzl.sum(0, dtype=self.sdt)
+
+    def result(self):
+        w = self.weight
+        dw = self.dw.to(w.dtype) if self.dw is not None else None
+        db = self.db.to(w.dtype) if self.db is not None else None
+        return self.dh, dw, db
+
+
+def logits_grad(z, p, s, y, keep, a, b, c):
+    """dL/dz of one chunk for the per-row coefficients (a, b, c) of (logp, H, lse); None skips a term.
+    Ignored rows must carry zeros. Entries of probability 0 get 0 (never 0 · inf)."""
+    coef = None
+    if a is not None:
+        coef = -a
+    if c is not None:
+        coef = c if coef is None else coef + c
+    dz = p * coef[:, None] if coef is not None else torch.zeros_like(p)
+    if b is not None:
+        ent = torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * (z - s[:, None]))
+        dz = dz.sub_(ent.mul_(b[:, None]))
+    if a is not None and z.shape[1] > 0:
+        safe = torch.where(keep, y, torch.zeros_like(y))
+        dz.scatter_add_(1, safe[:, None], torch.where(keep, a, torch.zeros_like(a))[:, None])
+    return dz
+
+
+def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
+    """One pass over the row chunks: per-token (logp, H, lse) [N] each, and argmax [N] when ``want_pred``
+    (else None). With ``coef_fn(start, rows, logp, H, lse) -> (a, b, c)`` the chunk's gradients go into
+    ``grads`` in the same pass. ``logp`` is 0 at ignored tokens (``keep`` False); a row holding +inf has
+    a NaN ``logp`` (PyTorch's log_softmax there), while its ``lse`` is +inf."""
+    n = y.shape[0]
+    sdt = lg.sdt
+    dev = lg.hidden.device
+    logp = torch.empty((n,), dtype=sdt, device=dev)
+    ent = torch.empty((n,), dtype=sdt, device=dev)
+    lse = torch.empty((n,), dtype=sdt, device=dev)
+    pred = torch.empty((n if want_pred else 0,), dtype=torch.long, device=dev)
+    zero = torch.zeros((), dtype=sdt, device=dev)
+    for start in range(0, n, chunk):
+        rows = min(chunk, n - start)
+        yc, kc = y[start:start + rows], keep[start:start + rows]
+        z, t = lg.chunk(start, rows)
+        p, l, s = softmax_stats(z)
+        lp = torch.where(kc, label_logits(z, yc, kc) - _tb.cross_entropy_lse(l), zero)
+        h = l - s
+        logp[start:start + rows], ent[start:start + rows], lse[start:start + rows] = lp, h, l
+        if want_pred:
+            pred[start:start + rows] = torch.argmax(z, dim=1) if z.shape[1] else 0
+        if coef_fn is None:
+            continue
+        a, b, c = coef_fn(start, rows, lp, h, l)
+        if a is None and b is None and c is None:
+            continue
+        dz = logits_grad(z, p, s, yc, kc, a, b, c)
+        del p
+        grads.add(lg.chain(dz, t, start, rows), start, rows)
+    return logp, ent, lse, (pred if want_pred else None)
