@@ -505,3 +505,242 @@ def _reduce(total, vals, reduction, denom, call):
     if reduction == "none":
         return _view(vals, call)
     return total / denom if denom is not None else total
+
+
+# ---------------------------------------------------------------------------------------
+# GRPO and its relatives, as TRL 1.16's GRPOTrainer computes them
+
+
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+
+
+class GRPOOutput(NamedTuple):
+    """``grpo_loss``: the loss, the per-token log-probs and entropy it used (detached, ``[B, T]``), and
+    the statistics TRL's GRPOTrainer logs (0-dim tensors, means over the masked tokens)."""
+
+    loss: torch.Tensor
+    log_probs: torch.Tensor
+    entropy: torch.Tensor
+    metrics: dict
+
+
+class _GRPO(NamedTuple):
+    loss_type: str
+    eps_low: float
+    eps_high: float
+    delta: Optional[float]
+    beta: float
+    bias_correction_kl: bool
+    sapo_pos: float
+    sapo_neg: float
+
+
+def _grpo_ratio_terms(lp, old, cfg):
+    """coef_1 (the ratio, clamped by ``delta`` where TRL clamps it) and the clipped coef_2."""
+    coef_1 = torch.exp(lp - (lp.detach() if old is None else old))
+    coef_2 = torch.clamp(coef_1, 1 - cfg.eps_low, 1 + cfg.eps_high)
+    if cfg.delta is not None and cfg.loss_type not in ("cispo", "sapo"):
+        coef_1 = torch.clamp(coef_1, max=cfg.delta)
+    return coef_1, coef_2
+
+
+def _grpo_policy(lp, adv, old, ref, isr, cfg, log_iw=None):
+    """TRL's per-token loss (before masking and normalisation) and its k3 KL term (or None).
+    ``log_iw``: a sequence-level log importance weight that replaces the token's own log-ratio."""
+    ratio = torch.exp(log_iw) if log_iw is not None else torch.exp(lp - (lp.detach() if old is None else old))
+    kl = None
+    if cfg.beta != 0.0:
+        kl = torch.exp(ref - lp) - (ref - lp) - 1
+        if cfg.bias_correction_kl:
+            kl = kl * ratio
+    if cfg.loss_type == "cispo":
+        loss = -torch.clamp(ratio, max=cfg.eps_high).detach() * adv * lp
+    elif cfg.loss_type == "sapo":
+        temps = torch.where(adv > 0, cfg.sapo_pos, cfg.sapo_neg)
+        loss = -(torch.sigmoid(temps * (ratio - 1)) * 4 / temps) * adv
+    else:
+        coef_2 = torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+        coef_1 = torch.clamp(ratio, max=cfg.delta) if cfg.delta is not None else ratio
+        loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if isr is not None:
+        loss = loss * isr
+    if kl is not None:
+        loss = loss + cfg.beta * kl
+    return loss, kl, ratio
+
+
+def _grpo_weights(mask, loss_type, max_completion_length, num_items_in_batch, sdt):
+    """Per-token weights [B, T] that turn TRL's normalisation of each loss type into a weighted sum."""
+    m = mask.to(sdt)
+    b, t = m.shape
+    if loss_type in ("grpo", "sapo"):
+        return m / (m.sum(-1, keepdim=True).clamp(min=1.0) * max(b, 1))
+    if loss_type == "bnpo":
+        return m / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return m / (max(b, 1) * (max_completion_length if max_completion_length is not None else t))
+    if loss_type == "luspo":
+        return m / max(b, 1)
+    if num_items_in_batch is None:  # dapo, cispo: the caller's global token count, else this batch's
+        return m / m.sum().clamp(min=1.0)
+    return m / torch.as_tensor(num_items_in_batch).to(device=m.device, dtype=sdt).reshape(()).clamp(min=1.0)
+
+
+def _masked_mean(x, m):
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+def _high_entropy_mask(ent, mask, quantile):
+    """TRL's ``get_high_entropy_mask`` on one process: tokens whose entropy reaches the quantile."""
+    local = ent[mask.bool()].float()
+    if local.numel() == 0:
+        return torch.zeros_like(ent, dtype=torch.bool)
+    thr = torch.quantile(local, quantile)
+    return ((ent * mask.float()) >= thr) & mask.bool()
+
+
+def grpo_loss(hidden, weight, completion_ids, advantages, *, completion_mask=None, old_log_probs=None,
+              ref_log_probs=None, loss_type="dapo", epsilon=0.2, epsilon_high=None, delta=None, beta=0.0,
+              use_bias_correction_kl=False, importance_sampling_level="token", importance_sampling_ratio=None,
+              entropy_coef=0.0, top_entropy_quantile=1.0, max_completion_length=None, num_items_in_batch=None,
+              sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, temperature=None, bias=None, logit_scale=1.0,
+              softcap=None, chunk_size=None, backend="auto"):
+    """TRL 1.16 GRPOTrainer's loss on the fused head: ``hidden [B, T, D]`` are the states that predict the
+    completion tokens ``completion_ids [B, T]`` (TRL's ``logits_to_keep`` positions).
+
+    ``advantages`` ``[B]`` or ``[B, T]``; ``completion_mask`` ``[B, T]`` (1 for scored tokens; default all);
+    ``old_log_probs`` (default: the current ones, detached: ratio 1), ``ref_log_probs`` (needed when ``beta``
+    is not 0), ``importance_sampling_ratio`` (vLLM's correction, per token or sequence) are constants.
+    ``loss_type`` one of ``GRPO_LOSS_TYPES``, normalised as TRL does (``dapo``/``cispo`` by
+    ``num_items_in_batch``, default this batch's token count; ``dr_grpo`` by ``B · max_completion_length``,
+    default ``T``). ``epsilon``/``epsilon_high`` clip the ratio (``epsilon_high`` is the CISPO cap there),
+    ``delta`` caps it (two-sided clipping); ``beta`` weighs the k3 KL estimate against the reference;
+    ``entropy_coef`` subtracts that multiple of the masked mean entropy (the bonus, with its gradient).
+    Gradient accumulation: divide the loss by the number of micro-batches as TRL does.
+
+    Token-level importance sampling without an entropy quantile mask runs fused (the per-token loss is
+    evaluated inside the pass, 6·N·D·V flops); ``importance_sampling_level="sequence"`` (GSPO) and
+    ``top_entropy_quantile < 1`` need every token's log-prob or entropy first and take the recompute path.
+    Returns ``GRPOOutput(loss, log_probs, entropy, metrics)``; ``metrics`` holds TRL's ``entropy``,
+    ``kl`` (when ``beta``) and, for the clipped types, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+    ``clip_ratio/region_mean``.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise TiedKernelsError(f"tiedkernels: loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}"
+                               + (" (vespo's sequence-level gamma weights are not fused; compute it on "
+                                  "token_log_probs)" if loss_type == "vespo" else ""))
+    if importance_sampling_level not in ("token", "sequence"):
+        raise TiedKernelsError(f"tiedkernels: importance_sampling_level must be 'token' or 'sequence', got "
+                               f"{importance_sampling_level!r}")
+    if completion_ids.dim() != 2 or hidden.dim() != 3:
+        raise TiedKernelsError(f"tiedkernels: grpo_loss takes hidden [B, T, D] and completion_ids [B, T], got "
+                               f"{tuple(hidden.shape)} and {tuple(completion_ids.shape)}")
+    if beta != 0.0 and ref_log_probs is None:
+        raise TiedKernelsError("tiedkernels: beta != 0 needs ref_log_probs (the reference model's per-token log-probs)")
+    if not 0.0 < float(top_entropy_quantile) <= 1.0:
+        raise TiedKernelsError(f"tiedkernels: top_entropy_quantile must be in (0, 1], got {top_entropy_quantile}")
+    cfg = _GRPO(loss_type, float(epsilon), float(epsilon if epsilon_high is None else epsilon_high),
+                None if delta is None else float(delta), float(beta), bool(use_bias_correction_kl),
+                float(sapo_temperature_pos), float(sapo_temperature_neg))
+    b, t = completion_ids.shape
+    sdt = _token_pass.stat_dtype(hidden.dtype)
+    dev = completion_ids.device
+    mask = torch.ones((b, t), dtype=sdt, device=dev) if completion_mask is None else completion_mask
+    if mask.shape != (b, t):
+        raise TiedKernelsError(f"tiedkernels: completion_mask has shape {tuple(mask.shape)}, completion_ids "
+                               f"{(b, t)}")
+    tkf.check_device(mask, "completion_mask", completion_ids, "completion_ids")
+    mask = mask.detach().to(sdt)
+    adv = advantages.unsqueeze(1) if isinstance(advantages, torch.Tensor) and advantages.dim() == 1 else advantages
+    labels = torch.where(mask != 0, completion_ids, torch.full_like(completion_ids, -100))
+    wts = _grpo_weights(mask, loss_type, max_completion_length, num_items_in_batch, sdt)
+    n_tok = mask.sum().clamp(min=1.0)
+    opts = dict(bias=bias, logit_scale=logit_scale, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
+                backend=backend)
+    token_local = importance_sampling_level == "token" and float(top_entropy_quantile) >= 1.0
+    if token_local:
+        consts = {"adv": adv, "wts": wts, "ent_w": mask / n_tok}
+        if old_log_probs is not None:
+            consts["old"] = old_log_probs
+        if ref_log_probs is not None and beta != 0.0:
+            consts["ref"] = ref_log_probs
+        if importance_sampling_ratio is not None:
+            consts["isr"] = importance_sampling_ratio
+        ecoef = float(entropy_coef)
+
+        def objective(lp, ent, adv, wts, ent_w, old=None, ref=None, isr=None):
+            loss, _, _ = _grpo_policy(lp, adv, old, ref, isr, cfg)
+            out = loss * wts
+            return out - ecoef * ent * ent_w if ecoef != 0.0 else out
+
+        res = linear_token_objective(hidden, weight, labels, objective, consts=consts, reduction="sum",
+                                     return_stats=True, **opts)
+        loss, lp, ent = res.loss, res.log_probs, res.entropy
+    else:
+        tl = token_log_probs(hidden, weight, labels, **opts)
+        lp_full, ent_full = tl.log_probs, tl.entropy
+        emask = _high_entropy_mask(ent_full.detach(), mask, 1 - float(top_entropy_quantile)) \
+            if float(top_entropy_quantile) < 1.0 else None
+        log_iw = None
+        if importance_sampling_level == "sequence":
+            old_t = lp_full.detach() if old_log_probs is None else old_log_probs
+            log_iw = ((lp_full - old_t) * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        ptl, _, _ = _grpo_policy(lp_full, adv, old_log_probs, ref_log_probs, importance_sampling_ratio, cfg, log_iw)
+        ptl = torch.where(mask != 0, ptl, torch.zeros((), dtype=ptl.dtype, device=ptl.device))
+        if emask is not None:
+            ptl = ptl * emask
+        loss = (ptl * wts).sum()
+        if float(entropy_coef) != 0.0:
+            eff = mask if emask is None else mask * emask
+            loss = loss - float(entropy_coef) * (ent_full * eff).sum() / eff.sum().clamp(min=1.0)
+        lp, ent = lp_full.detach(), ent_full.detach()
+    metrics = _grpo_metrics(lp, ent, mask, adv, old_log_probs, ref_log_probs, cfg, importance_sampling_level)
+    return GRPOOutput(loss, lp, ent, metrics)
+
+
+def _grpo_metrics(lp, ent, mask, adv, old, ref, cfg, level):
+    """What TRL's GRPOTrainer logs from one micro-batch (one process)."""
+    with torch.no_grad():
+        out = {}
+        old_t = lp if old is None else old
+        log_ratio = lp - old_t
+        if level == "sequence":
+            log_ratio = (log_ratio * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)
+        coef_1 = torch.exp(log_ratio)
+        seq = level == "sequence"
+
+        def gmean(x):
+            if seq and x.shape[-1] == 1:
+                return x.sum() / max(x.shape[0], 1)
+            return _masked_mean(x, mask)
+
+        if cfg.beta != 0.0:
+            kl = torch.exp(ref - lp) - (ref - lp) - 1
+            if cfg.bias_correction_kl:
+                kl = kl * coef_1
+            out["kl"] = gmean(kl)
+        out["entropy"] = _masked_mean(ent, mask)
+        if cfg.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+            c1 = torch.clamp(coef_1, max=cfg.delta) if cfg.delta is not None else coef_1
+            low = ((c1 < 1 - cfg.eps_low) & (adv < 0)).to(lp.dtype)
+            high = ((c1 > 1 + cfg.eps_high) & (adv > 0)).to(lp.dtype)
+            out["clip_ratio/low_mean"] = gmean(low)
+            out["clip_ratio/high_mean"] = gmean(high)
+            out["clip_ratio/region_mean"] = gmean(torch.maximum(low, high))
+            if not (seq and low.shape[-1] == 1):
+                lows = (low * mask).sum(-1) / mask.sum(-1)  # per sequence; NaN for an empty one
+                highs = (high * mask).sum(-1) / mask.sum(-1)
+                out["clip_ratio/low_min"] = _nan_extreme(lows, torch.min)
+                out["clip_ratio/high_max"] = _nan_extreme(highs, torch.max)
+            else:
+                out["clip_ratio/low_min"] = _nan_extreme(low.squeeze(-1), torch.min)
+                out["clip_ratio/high_max"] = _nan_extreme(high.squeeze(-1), torch.max)
+        elif cfg.loss_type == "cispo":
+            out["cispo_clip_ratio"] = gmean(((coef_1 > cfg.eps_high) & (adv > 0)).to(lp.dtype))
+    return out
+
+
+def _nan_extreme(x, fn):
+    """TRL's nanmin / nanmax: the extreme of the non-NaN entries, NaN when there are none."""
+    x = x[~torch.isnan(x)]
+    return fn(x) if x.numel() else torch.tensor(float("nan"), dtype=x.dtype, device=x.device)
