@@ -136,6 +136,40 @@ class TiedEmbeddingHead(nn.Embedding):
             s += f", softcap={self.softcap}"
         return s + f", backend={self.backend!r}"
 
+    # -- token-level objectives and distillation on the head (tiedkernels.objectives, tiedkernels.distill) --
+    def _token_opts(self, opts):
+        opts = self._head_opts(opts)
+        opts.setdefault("bias", self.output_embeddings.bias)
+        return opts
+
+    def token_log_probs(self, hidden, labels, **opts):
+        """Per-token log-probs, entropy and lse, differentiable (``tiedkernels.token_log_probs``)."""
+        from . import objectives
+
+        return objectives.token_log_probs(hidden, _tie.head_weight(self.weight), labels, **self._token_opts(opts))
+
+    def token_objective(self, hidden, labels, objective=None, **opts):
+        """A token-local objective, fused (``tiedkernels.linear_token_objective``)."""
+        from . import objectives
+
+        return objectives.linear_token_objective(hidden, _tie.head_weight(self.weight), labels, objective,
+                                                 **self._token_opts(opts))
+
+    def grpo_loss(self, hidden, completion_ids, advantages, **opts):
+        """TRL's GRPO-family loss on this head (``tiedkernels.grpo_loss``)."""
+        from . import objectives
+
+        return objectives.grpo_loss(hidden, _tie.head_weight(self.weight), completion_ids, advantages,
+                                    **self._token_opts(opts))
+
+    def distillation_loss(self, hidden, labels, **opts):
+        """Distillation of this head's distribution towards a teacher's
+        (``tiedkernels.linear_distillation_loss``)."""
+        from . import distill
+
+        return distill.linear_distillation_loss(hidden, _tie.head_weight(self.weight), labels,
+                                                **self._token_opts(opts))
+
 
 class TiedOutputEmbedding(nn.Linear):
     """The output side: an ``nn.Linear`` whose registered ``weight`` is the head's ``Parameter``.
