@@ -36,6 +36,7 @@ class DistillOutput(NamedTuple):
     loss: torch.Tensor
     divergence: torch.Tensor   # per token, before (1 - alpha) and the reduction; 0 at ignored tokens
     cross_entropy: torch.Tensor  # per token hard-label loss of the student (computed when alpha > 0, else 0)
+    entropy: torch.Tensor      # per token entropy of the tempered student distribution, at every token
 
 
 def _beta(divergence, beta):
@@ -56,11 +57,14 @@ def _xlogy_diff(p, a, b):
     return torch.where(p == 0, torch.zeros((), dtype=p.dtype, device=p.device), p * (a - b)).sum(1)
 
 
-def _chunk_divergence(zs, zt, beta):
-    """Per-row divergence and its gradient with respect to the tempered student logits ``zs``."""
+def _chunk_divergence(zs, zt, beta, ent_out=None):
+    """Per-row divergence and its gradient with respect to the tempered student logits ``zs``; the
+    student's entropy into ``ent_out`` when given."""
     s = torch.log_softmax(zs, dim=1)
     t = torch.log_softmax(zt, dim=1)
     ps = torch.exp(s)
+    if ent_out is not None:
+        ent_out.copy_(-torch.where(ps == 0, torch.zeros((), dtype=s.dtype, device=s.device), ps * s).sum(1))
     if beta == 0.0:
         pt = torch.exp(t)
         return _xlogy_diff(pt, t, s), ps - pt
@@ -96,7 +100,7 @@ class _Teacher:
         return self.logits[start:start + rows].to(self.sdt)
 
 
-def _pass(call, teacher, beta, inv_t, alpha, w, g, grads):
+def _pass(call, teacher, beta, inv_t, alpha, w, g, grads, ent=None):
     """Per-token divergence and hard-label loss [N]; with ``grads`` the chunk gradients of
     Σ_i g_i w_i ((1-alpha) d_i + alpha ce_i) go into it (g: per-row incoming gradient or None for 1)."""
     n = call.y.shape[0]
@@ -116,7 +120,8 @@ def _pass(call, teacher, beta, inv_t, alpha, w, g, grads):
         if zt.shape != z.shape:
             raise TiedKernelsError(f"tiedkernels: the teacher's logits have {zt.shape[1]} classes but the student's "
                                    f"{z.shape[1]}: distillation needs one vocabulary")
-        d, dzs = _chunk_divergence(z * inv_t if inv_t != 1.0 else z, zt * inv_t if inv_t != 1.0 else zt, beta)
+        d, dzs = _chunk_divergence(z * inv_t if inv_t != 1.0 else z, zt * inv_t if inv_t != 1.0 else zt, beta,
+                                   None if ent is None else ent[sl])
         div[sl] = torch.where(kc, d, zero)
         if alpha > 0:
             p, lse, _ = _token_pass.softmax_stats(z)
@@ -136,10 +141,10 @@ def _pass(call, teacher, beta, inv_t, alpha, w, g, grads):
 
 class _Distill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h2, weight, bias, call, teacher, opts, w, g_scalar_mode):
+    def forward(ctx, h2, weight, bias, call, teacher, opts, w, g_scalar_mode, ent):
         beta, inv_t, alpha, want = opts
         grads = _token_pass.Grads(h2, weight, bias, want) if g_scalar_mode else None
-        div, ce = _pass(call, teacher, beta, inv_t, alpha, w, None, grads)
+        div, ce = _pass(call, teacher, beta, inv_t, alpha, w, None, grads, ent)
         ctx.pre = grads.result() if grads is not None else None
         ctx.call, ctx.teacher, ctx.opts, ctx.w = call, teacher, opts, w
         ctx.scalar = g_scalar_mode
@@ -156,17 +161,17 @@ class _Distill(torch.autograd.Function):
         if torch.is_grad_enabled() or _composite.in_functorch():
             raise NotImplementedError(_NO_SECOND)
         if g is None:
-            return (None,) * 8
+            return (None,) * 9
         pre, ctx.pre = ctx.pre, None
         if pre is not None:
-            return tuple(None if t is None else t * g.to(t.dtype) for t in pre) + (None,) * 5
+            return tuple(None if t is None else t * g.to(t.dtype) for t in pre) + (None,) * 6
         h2, weight, bias = ctx.saved_tensors
         beta, inv_t, alpha, want = ctx.opts
         grads = _token_pass.Grads(h2, weight, bias, want)
         gv = g.to(ctx.call.sdt)
         gv = gv.expand(ctx.call.y.shape) if gv.dim() == 0 else gv
         _pass(ctx.call, ctx.teacher, beta, inv_t, alpha, ctx.w, gv, grads)
-        return grads.result() + (None,) * 5
+        return grads.result() + (None,) * 6
 
 
 def linear_distillation_loss(hidden, weight, labels, *, teacher_hidden=None, teacher_weight=None, teacher_bias=None,
@@ -247,12 +252,13 @@ def linear_distillation_loss(hidden, weight, labels, *, teacher_hidden=None, tea
     want = (call.h2.requires_grad, call.weight.requires_grad, call.bias is not None and call.bias.requires_grad)
     scalar = reduction != "none"
     opts = (b, 1.0 / temp, a, want)
+    ent = torch.empty((n,), dtype=call.sdt, device=call.h2.device) if return_stats else None
     with tkf.no_autocast(call.weight.device):
         if torch.is_grad_enabled() and any(want):
-            loss, div, ce = _Distill.apply(call.h2, call.weight, call.bias, call, teacher, opts, w, scalar)
+            loss, div, ce = _Distill.apply(call.h2, call.weight, call.bias, call, teacher, opts, w, scalar, ent)
         else:
             with torch.no_grad():
-                div, ce = _pass(call, teacher, b, 1.0 / temp, a, w, None, None)
+                div, ce = _pass(call, teacher, b, 1.0 / temp, a, w, None, None, ent)
                 tok = (1 - a) * div + a * ce
                 tok = tok * w if w is not None else tok
                 loss = tok.sum() if scalar else tok
@@ -261,4 +267,4 @@ def linear_distillation_loss(hidden, weight, labels, *, teacher_hidden=None, tea
         loss = _view(loss, call)
     if not return_stats:
         return loss
-    return DistillOutput(loss, _view(div.detach(), call), _view(ce.detach(), call))
+    return DistillOutput(loss, _view(div.detach(), call), _view(ce.detach(), call), _view(ent, call))
