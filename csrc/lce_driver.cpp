@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 
 #if defined(__linux__)
@@ -38,6 +39,33 @@ void advise_huge_pages(const at::Tensor& t) {
 
 // Tests only (set_cpu_lowp_gemm_path): -1 the CPU decides, 0 ATen's own GEMM, 1 the fp32 tiles.
 std::atomic<int> lowp_gemm_path{-1};
+
+// Gradient filter: bytes of gathered weight rows (and of the fp32 dW part) per GEMM of the
+// filtered path; the kept columns are walked in tiles of this size, so its temporaries stay bounded
+// whatever the kept fraction.
+constexpr int64_t kFilterTileBytes = 64LL << 20;
+// Rows of dz per pass of the per-row filter test (its temporaries: this many rows of |dz|).
+constexpr int64_t kFilterTestBytes = 8LL << 20;
+
+// The vocabulary columns of the chunk's dz [rows, V] to keep: some row i has |dz_ij| > thr_i (or a
+// NaN there), thr 0-dim or [rows] (sdt).  A bool [V] mask.
+at::Tensor filter_keep(const at::Tensor& dz, const at::Tensor& thr) {
+  if (thr.dim() == 0) {
+    // max_i dz_ij <= thr and min_i dz_ij >= -thr for a skipped column (a NaN fails both: kept)
+    auto mm = at::aminmax(dz, 0);
+    const auto lo = std::get<0>(mm).to(thr.scalar_type()), hi = std::get<1>(mm).to(thr.scalar_type());
+    return at::logical_not(at::logical_and(hi <= thr, lo >= -thr));
+  }
+  const int64_t rows = dz.size(0), v = dz.size(1);
+  const int64_t step = std::max<int64_t>(1, kFilterTestBytes / std::max<int64_t>(1, v * dz.element_size()));
+  at::Tensor skip;
+  for (int64_t r0 = 0; r0 < rows; r0 += step) {
+    const int64_t r = std::min(step, rows - r0);
+    auto s = (dz.narrow(0, r0, r).abs().to(thr.scalar_type()) <= thr.narrow(0, r0, r).unsqueeze(1)).all(0);
+    skip = skip.defined() ? skip.logical_and_(s) : s;
+  }
+  return skip.defined() ? at::logical_not(skip) : at::ones({v}, dz.options().dtype(at::kBool));
+}
 
 }  // namespace
 
@@ -223,6 +251,9 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
     gl = extras.grad_lse->to(sdt).contiguous();
   }
   const bool stats_on = mode == LossMode::Forward && extras.return_stats;
+  const double gfilter = extras.grad_filter;
+  TORCH_CHECK(std::isfinite(gfilter) && gfilter >= 0, "tiedkernels: grad_filter must be a finite number >= 0, got ",
+              gfilter);
 
   LossResult r;
   r.pred = at::empty({stats_on ? n : 0}, h.options().dtype(at::kLong));
@@ -249,11 +280,14 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
   // carries an error of its own size, and contributions of opposite sign leave it all in a small
   // sum (1.4 times the RMS error of a stock bf16 GEMM at 16 chunks). Elsewhere the first chunk
   // writes dW (no zero fill).
-  const bool direct_dw = want_dw && low_precision && h.is_cpu() && chunks == 1;
+  // With the gradient filter on, any chunk may add only its kept rows (index_add_): dW is one fp32
+  // (or fp64) accumulator filled with zeros first, every chunk adding into it.
+  const bool filtering = gfilter > 0 && (want_dh || want_dw) && n > 0 && v > 0;
+  const bool direct_dw = want_dw && low_precision && h.is_cpu() && chunks == 1 && !filtering;
   at::Tensor dw_part = direct_dw ? at::empty({v, d}, w.options()) : at::Tensor();
   at::Tensor dw_acc = !want_dw || direct_dw ? at::Tensor()
-                      : chunks == 0 ? at::zeros({v, d}, w.options().dtype(sdt))
-                                    : at::empty({v, d}, w.options().dtype(sdt));
+                      : (chunks == 0 || filtering) ? at::zeros({v, d}, w.options().dtype(sdt))
+                                                   : at::empty({v, d}, w.options().dtype(sdt));
   at::Tensor db_acc = want_db ? at::zeros({v}, w.options().dtype(sdt)) : at::Tensor();
   const int64_t dw_tile = std::max<int64_t>(1, kDwTileBytes / std::max<int64_t>(1, d * h.element_size()));
 
@@ -311,6 +345,73 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
     row_kernel(t, opt);
     if (!grads) continue;
     if (exact_logits) z.copy_(zf);  // dL/dz, rounded once
+    if (want_db) db_acc.add_(at::sum(z, {0}, false, sdt));  // exact: every column
+    if (filtering) {
+      // The row scales s_i of the threshold: |incoming gradient of the loss| (0 at an ignored
+      // row: its dz is 0 but for the lse's gradient) + |incoming gradient of the lse|.
+      at::Tensor thr;
+      if (t.grad_lse.defined() || (t.grad_scale.defined() && t.grad_scale.dim() == 1)) {
+        auto g = t.grad_scale.defined() ? t.grad_scale.abs().expand({rows}) : at::ones({rows}, sopt);
+        g = at::where(t.labels == opt.ignore_index, at::zeros({}, sopt), g);
+        if (t.grad_lse.defined()) g = g + t.grad_lse.abs();
+        thr = g * gfilter;
+      } else {
+        thr = (t.grad_scale.defined() ? t.grad_scale.abs() : at::ones({}, sopt)) * gfilter;
+      }
+      // One host sync per chunk on a GPU (nonzero's count).
+      const auto idx = at::nonzero(filter_keep(z, thr)).squeeze(1);
+      const int64_t kept = idx.size(0);
+      if (kept < v) {
+        const int64_t tile = std::max<int64_t>(1, kFilterTileBytes / std::max<int64_t>(1, d * 4));
+        const int64_t ntiles = (kept + tile - 1) / tile;
+        at::Tensor dh32;  // several tiles of a low-precision dh: summed in fp32, rounded once
+        if (want_dh && low_precision && ntiles > 1) dh32 = at::zeros({rows, d}, sopt);
+        if (want_dh && kept == 0) r.dh.narrow(0, start, rows).zero_();
+        for (int64_t k0 = 0; k0 < kept; k0 += tile) {
+          const int64_t kt = std::min(tile, kept - k0);
+          const auto it = idx.narrow(0, k0, kt);
+          const auto zk = z.index_select(1, it);  // [rows, kt]
+          if (want_dh) {
+            const auto wk = w.index_select(0, it);  // [kt, d]
+            auto dhc = r.dh.narrow(0, start, rows);
+            if (dh32.defined()) {
+              if (h.is_cpu()) {
+                cpu_mm(dh32, zk, wk, /*accumulate=*/true);
+              } else if (h.is_cuda()) {
+                at::addmm_out(dh32, dh32, zk, wk, sdt);
+              } else {
+                dh32.add_(at::mm(zk, wk));
+              }
+            } else if (k0 == 0) {
+              if (f32_gemm) {
+                cpu_mm(dhc, zk, wk);
+              } else {
+                at::mm_out(dhc, zk, wk);
+              }
+            } else {
+              dhc.addmm_(zk, wk);  // fp32 / fp64: several tiles summed in place
+            }
+          }
+          if (want_dw) {
+            at::Tensor part;
+            if (!low_precision) {
+              part = at::mm(zk.t(), hc);
+            } else if (h.is_cpu()) {
+              part = at::empty({kt, d}, sopt);
+              cpu_mm(part, zk.t(), hc);  // fp32 output
+            } else if (h.is_cuda()) {
+              part = at::empty({kt, d}, sopt);
+              at::mm_out(part, zk.t(), hc, sdt);
+            } else {
+              part = at::mm(zk.t(), hc).to(sdt);
+            }
+            dw_acc.index_add_(0, it, part);
+          }
+        }
+        if (dh32.defined()) r.dh.narrow(0, start, rows).copy_(dh32);
+        continue;
+      }
+    }
     if (want_dh) {
       auto dhc = r.dh.narrow(0, start, rows);
       if (f32_gemm) {
@@ -320,7 +421,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
       }
     }
     if (want_dw) {
-      const bool first = start == 0;
+      const bool first = start == 0 && !filtering;
       if (!low_precision) {
         if (first) {
           at::mm_out(dw_acc, z.t(), hc);
@@ -351,7 +452,6 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
         }
       }
     }
-    if (want_db) db_acc.add_(at::sum(z, {0}, false, sdt));
   }
 
   if (mode == LossMode::Forward) {
@@ -387,12 +487,13 @@ FwdResult lce_fwd_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor
                         const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
                         double z_loss, double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
                         int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
-                        const c10::optional<at::Tensor>& class_weight, bool return_stats) {
+                        const c10::optional<at::Tensor>& class_weight, bool return_stats, double grad_filter) {
   const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
                               vocab_total, weight.size(0));
   LossExtras x;
   x.class_weight = class_weight;
   x.return_stats = return_stats;
+  x.grad_filter = grad_filter;
   auto r = lce_chunked(LossMode::Forward, hidden, weight, bias, labels, grad_scale, c10::nullopt, o, chunk_size,
                        compute_dh, compute_dw, compute_db, rk, x);
   return {r.loss, r.lse, r.dh, r.dw, r.db, r.pred, r.ent};
@@ -403,12 +504,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
     int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
-    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse,
+    double grad_filter) {
   const auto o = make_options(ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
                               vocab_total, weight.size(0));
   LossExtras x;
   x.class_weight = class_weight;
   x.grad_lse = grad_lse;
+  x.grad_filter = grad_filter;
   auto r = lce_chunked(LossMode::Backward, hidden, weight, bias, labels, grad_loss, lse, o, chunk_size,
                        compute_dh, compute_dw, compute_db, rk, x);
   return {r.dh, r.dw, r.db};

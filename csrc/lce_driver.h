@@ -53,6 +53,10 @@ struct LossExtras {
   c10::optional<at::Tensor> class_weight;  // [vocab_total]
   c10::optional<at::Tensor> grad_lse;      // [N] (Backward)
   bool return_stats = false;               // (Forward) argmax and entropy per row
+  // Gradient filter (0: exact).  Per chunk, vocabulary column j is left out of the dh and dW GEMMs
+  // when |dz_ij| <= grad_filter * s_i in every row i, s_i = |incoming gradient of row i's loss|
+  // (0 at an ignored row) + |incoming gradient of its lse|.  Loss, lse, statistics and db stay exact.
+  double grad_filter = 0.0;
 };
 
 enum class LossMode { Forward, Backward, Stats };
@@ -97,14 +101,15 @@ FwdResult lce_fwd_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor
                         const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
                         double z_loss, double softcap, double logit_scale, int64_t vocab_start, int64_t vocab_total,
                         int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
-                        const c10::optional<at::Tensor>& class_weight, bool return_stats);
+                        const c10::optional<at::Tensor>& class_weight, bool return_stats, double grad_filter = 0.0);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_entry(
     RowKernel rk, const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
     int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
-    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse);
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse,
+    double grad_filter = 0.0);
 
 at::Tensor lce_stats_entry(RowKernel rk, const at::Tensor& hidden, const at::Tensor& weight,
                            const c10::optional<at::Tensor>& bias, const at::Tensor& labels, int64_t ignore_index,

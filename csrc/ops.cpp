@@ -24,13 +24,16 @@ TORCH_LIBRARY(tiedkernels, m) {
       "lce_fwd(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_scale, int ignore_index, "
       "float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, int vocab_total, "
       "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
-      "bool return_stats=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool return_stats=False, float grad_filter=0.0) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // grad_filter (lce_fwd with gradients, lce_bwd): 0 is exact; t > 0 leaves out of the dh and dW GEMMs
+  // the vocabulary columns of a chunk whose |dL/dz| is at most t times each row's incoming gradient
+  // scale in every row of the chunk (see tiedkernels/_schemas.py); loss, lse, statistics and db exact.
   // Recompute backward: gradients of sum(grad_loss * loss) (+ sum(grad_lse * lse)) given the (global) lse.
   m.def(
       "lce_bwd(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
       "int ignore_index, float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, "
       "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
-      "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)");
+      "Tensor? grad_lse=None, float grad_filter=0.0) -> (Tensor, Tensor, Tensor)");
   // Per-row statistics of a vocabulary shard: [3, N] = (local lse, target logit or 0, sum of logits,
   // or of class_weight[j] * logit_j with class weights).
   m.def(

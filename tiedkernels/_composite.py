@@ -13,6 +13,11 @@ their outputs carry no graph of their own derivatives and no tangent. So
   ``ops.py`` takes the gradients from ``lce_grads``/``logits_grads``/``embedding_grad`` here,
   written in differentiable ops, from the tensors the forward saved.
 
+``grad_filter`` (the kernels' approximation of their dh and dW GEMMs) does not apply here: every
+gradient this path gives is the exact derivative (a double backward of a filtered loss, a
+``torch.func`` transform, forward-mode AD). The filter only ever changes the first derivative of
+an ordinary ``backward()``.
+
 The loss works in row chunks, as the kernels do. ``_LCE`` is an ``autograd.Function`` (with
 ``setup_context``, a ``jvp`` and a generated vmap rule, so every ``torch.func`` transform
 composes with it) that saves only its inputs: its backward and its jvp recompute a chunk's

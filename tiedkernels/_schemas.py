@@ -19,6 +19,13 @@ is the whole vocabulary).  Their optional arguments:
   included; empty ``[0]`` tensors otherwise.
 * ``grad_lse`` (``lce_bwd``): ``[N]`` incoming gradient of the returned ``lse``; adds
   ``grad_lse_i · softmax(z_i)`` to ``dL/dz`` (through softcap and scale), ignored tokens included.
+* ``grad_filter`` (``lce_fwd`` computing gradients, ``lce_bwd``): ``t >= 0``, 0 exact.  Per row chunk,
+  after ``dz = dL/dz`` (the gradient with respect to the raw logits ``h W^T + b``, after the softcap
+  and scale chain; rounded to the input dtype) is known, vocabulary column ``j`` is left out of the
+  ``dh`` and ``dW`` GEMMs when ``|dz_ij| <= t * s_i`` for every row ``i`` of the chunk, where
+  ``s_i = |g_i| * [y_i != ignore_index] + |grad_lse_i|`` (``g`` the incoming gradient of the loss:
+  ``grad_scale`` or ``grad_loss``).  The loss, lse, statistics and ``db`` are exact.  A chunk that
+  keeps every column takes the exact path.
 """
 
 SCHEMAS = {
@@ -34,13 +41,13 @@ SCHEMAS = {
         "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor? grad_scale, int ignore_index, "
         "float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, int vocab_total, "
         "int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
-        "bool return_stats=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "bool return_stats=False, float grad_filter=0.) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "lce_bwd": (
         "(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, Tensor lse, "
         "int ignore_index, float label_smoothing, float z_loss, float softcap, float logit_scale, int vocab_start, "
         "int vocab_total, int chunk_size, bool compute_dh, bool compute_dw, bool compute_db, Tensor? class_weight=None, "
-        "Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor)"
+        "Tensor? grad_lse=None, float grad_filter=0.) -> (Tensor, Tensor, Tensor)"
     ),
     "lce_stats": (
         "(Tensor hidden, Tensor weight, Tensor? bias, Tensor labels, int ignore_index, float softcap, "

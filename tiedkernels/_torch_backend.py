@@ -5,6 +5,7 @@ other backends are checked against (besides the unchunked reference).
 """
 
 import functools
+import math
 
 import torch
 
@@ -222,6 +223,64 @@ def _class_weight(class_weight, vt, sdt, device):
     return class_weight.to(sdt)
 
 
+# Gradient filter: gathered weight rows per GEMM (the kept columns are walked in tiles of this many
+# bytes of fp32 rows), and rows of |dz| per pass of the keep test.
+FILTER_TILE_BYTES = 64 << 20
+FILTER_TEST_BYTES = 8 << 20
+
+
+def filter_keep(dz, thr):
+    """The columns of a chunk's ``dz`` [rows, V] that the gradient filter keeps: a bool [V] mask, True
+    where some row ``i`` has ``|dz_ij| > thr_i`` or a NaN (``thr`` [rows], the statistics dtype).  The
+    rule of every backend (``csrc/lce_driver.cpp``: ``filter_keep``)."""
+    rows, v = dz.shape
+    step = max(1, FILTER_TEST_BYTES // max(1, v * dz.element_size()))
+    skip = None
+    for r0 in range(0, rows, step):
+        s = (dz[r0:r0 + step].abs().to(thr.dtype) <= thr[r0:r0 + step, None]).all(0)
+        skip = s if skip is None else skip & s
+    if skip is None:
+        return torch.ones((v,), dtype=torch.bool, device=dz.device)
+    return ~skip
+
+
+def filter_thresholds(g, ignored, gl, grad_filter):
+    """``t * s_i`` per row: ``s_i = |g_i|`` (0 at an ignored row) ``+ |grad_lse_i|``."""
+    s = torch.where(ignored, torch.zeros((), dtype=g.dtype, device=g.device), g.abs())
+    if gl is not None:
+        s = s + gl.abs()
+    return s * grad_filter
+
+
+def filtered_gemms(dz, hc, weight, idx, dh_out, dw_acc, mm, mm32):
+    """The chunk's ``dh`` and ``dW`` GEMMs on the kept columns ``idx`` of ``dz`` only: ``dh_out``
+    (the chunk's rows of dh, or None) ``= dz[:, idx] @ W[idx]``, ``dw_acc[idx] += dz[:, idx]^T h_c``
+    (``dw_acc`` the fp32/fp64 accumulator, or None).  ``mm(a, b)``: the product in the input dtype
+    (one rounding), ``mm32(a, b)``: in the accumulator's dtype.  The kept columns are walked in tiles
+    (``FILTER_TILE_BYTES`` of weight rows), several tiles of dh summed in the accumulator dtype."""
+    kept, d = idx.shape[0], weight.shape[1]
+    tile = max(1, FILTER_TILE_BYTES // max(1, 4 * d))
+    if dh_out is not None and kept == 0:
+        dh_out.zero_()
+    acc = None
+    if dh_out is not None and kept > tile:
+        acc = torch.zeros(dh_out.shape, dtype=dw_acc.dtype if dw_acc is not None else
+                          (torch.float64 if dz.dtype == torch.float64 else torch.float32), device=dz.device)
+    for k0 in range(0, kept, tile):
+        it = idx[k0:k0 + tile]
+        zk = dz.index_select(1, it)
+        if dh_out is not None:
+            wk = weight.index_select(0, it)
+            if acc is not None:
+                acc += mm32(zk, wk)
+            else:
+                dh_out.copy_(mm(zk, wk))
+        if dw_acc is not None:
+            dw_acc.index_add_(0, it, mm32(zk.t(), hc))
+    if acc is not None:
+        dh_out.copy_(acc)
+
+
 def cross_entropy_lse(lse):
     """The lse inside the cross-entropy term, as PyTorch's cross_entropy has it: its log_softmax,
     z - max - log(sum(exp(z - max))), is NaN on every entry of a row whose max is +inf (inf - inf),
@@ -233,13 +292,15 @@ def cross_entropy_lse(lse):
 
 def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, label_smoothing, z_loss, softcap,
              logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, mode,
-             class_weight=None, grad_lse=None, return_stats=False):
+             class_weight=None, grad_lse=None, return_stats=False, grad_filter=0.0):
     """The template every backend follows.  Per token, with c the class weights (1 without),
     S = sum(c), eps the label smoothing, lam the z-loss and z the final logits:
     loss = c[y]((1-eps)(lse - z_y) + lam lse^2) + (eps/V)(S lse - sum_j c_j z_j), and
     dL/dz_j = g (((1-eps)c[y] + (eps/V)S + 2 lam c[y] lse) p_j - (1-eps)c[y][j=y] - (eps/V)c_j)
     + grad_lse p_j, chained through the softcap and the scale.  The smoothing term is left out
-    when eps = 0 (never 0 * inf for a -inf logit)."""
+    when eps = 0 (never 0 * inf for a -inf logit).  ``grad_filter`` > 0: see ``_schemas.py``."""
+    if not (math.isfinite(grad_filter) and grad_filter >= 0):
+        raise RuntimeError(f"tiedkernels: grad_filter must be a finite number >= 0, got {grad_filter}")
     if chunk_size <= 0:
         raise RuntimeError(f"tiedkernels: chunk_size must be positive, got {chunk_size}")
     n, d = hidden.shape
@@ -350,12 +411,19 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
         if valid < v:
             dz[:, valid:] = 0
         dz = dz.to(hidden.dtype)
+        if want_db:
+            db += dz.sum(0, dtype=sdt)  # exact: every column
+        if grad_filter > 0 and (want_dh or want_dw) and v > 0:
+            thr = filter_thresholds(g, ignored, gl[start : start + rows] if gl is not None else None, grad_filter)
+            idx = filter_keep(dz, thr).nonzero().squeeze(1)  # a host sync on a GPU, once per chunk
+            if idx.shape[0] < v:
+                filtered_gemms(dz, hc, weight, idx, dh[start : start + rows] if want_dh else None,
+                               dw if want_dw else None, _mm, lambda a, b: a.to(sdt) @ b.to(sdt))
+                continue
         if want_dh:
             dh[start : start + rows] = _mm(dz, weight)
         if want_dw:
             dw.addmm_(dz.t().to(sdt), hc.to(sdt))
-        if want_db:
-            db += dz.sum(0, dtype=sdt)
     if mode == "stats":
         pending.finish()
         return stats
@@ -374,18 +442,19 @@ def _chunked(hidden, weight, bias, labels, grad_scale, lse_in, ignore_index, lab
 
 def lce_fwd(hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
             vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, class_weight=None,
-            return_stats=False):
+            return_stats=False, grad_filter=0.0):
     return _chunked(hidden, weight, bias, labels, grad_scale, None, ignore_index, label_smoothing, z_loss, softcap,
                     logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, "fwd",
-                    class_weight=class_weight, return_stats=return_stats)
+                    class_weight=class_weight, return_stats=return_stats, grad_filter=grad_filter)
 
 
 def lce_bwd(grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, z_loss, softcap,
             logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db, class_weight=None,
-            grad_lse=None):
+            grad_lse=None, grad_filter=0.0):
     _, _, dh, dw, db, _, _ = _chunked(hidden, weight, bias, labels, grad_loss, lse, ignore_index, label_smoothing,
                                       z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh,
-                                      compute_dw, compute_db, "bwd", class_weight=class_weight, grad_lse=grad_lse)
+                                      compute_dw, compute_db, "bwd", class_weight=class_weight, grad_lse=grad_lse,
+                                      grad_filter=grad_filter)
     return dh, dw, db
 
 

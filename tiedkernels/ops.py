@@ -52,7 +52,7 @@ def _grad_outputs_fake(hidden, weight, want_dh, want_dw, want_db):
 
 def _lce_fwd_fake(hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
                   logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db,
-                  class_weight=None, return_stats=False):
+                  class_weight=None, return_stats=False, grad_filter=0.0):
     torch._check(hidden.shape[1] == weight.shape[1])
     torch._check(labels.shape[0] == hidden.shape[0])
     sdt = _stat_dtype(hidden.dtype)
@@ -68,7 +68,7 @@ def _lce_fwd_fake(hidden, weight, bias, labels, grad_scale, ignore_index, label_
 
 def _lce_bwd_fake(grad_loss, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, z_loss, softcap,
                   logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db,
-                  class_weight=None, grad_lse=None):
+                  class_weight=None, grad_lse=None, grad_filter=0.0):
     return _grad_outputs_fake(hidden, weight, compute_dh, compute_dw, compute_db)
 
 
@@ -177,6 +177,8 @@ def _make_autograd(prefix):
         (hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
          vocab_start, vocab_total, chunk_size, compute_dh, compute_dw, compute_db) = inputs[:16]
         class_weight = inputs[16] if len(inputs) > 16 else None
+        # the recompute backward honours the forward's gradient filter (a float; 0 exact)
+        ctx.grad_filter = float(inputs[18]) if len(inputs) > 18 else 0.0
         ctx.n_inputs = len(inputs)
         loss, lse, dh, dw, db = output[:5]
         ctx.set_materialize_grads(False)
@@ -205,6 +207,8 @@ def _make_autograd(prefix):
         if _differentiable_backward(g_loss) or _differentiable_backward(g_lse):
             # The gradients as differentiable functions of the saved inputs (and of the incoming
             # gradients), chunk by chunk; the forward's finished gradients, constants, cannot serve.
+            # Exact: the gradient filter (a first-order approximation of the kernels' GEMMs) is not
+            # applied on this path.
             ctx.pre = None
             hidden, weight, bias, labels, lse, grad_scale, class_weight = ctx.saved_tensors
             g = None if g_loss is None else (g_loss * grad_scale if ctx.scalar else g_loss)
@@ -225,6 +229,8 @@ def _make_autograd(prefix):
         else:
             g = g_loss * grad_scale if ctx.scalar else g_loss
         extra = {k: t for k, t in (("class_weight", class_weight), ("grad_lse", g_lse)) if t is not None}
+        if ctx.grad_filter:
+            extra["grad_filter"] = ctx.grad_filter
         try:
             dh, dw, db = op("lce_bwd")(g, hidden, weight, bias, labels, lse, *ctx.opts, *want, **extra)
         except NotImplementedError:

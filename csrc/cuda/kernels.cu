@@ -808,14 +808,14 @@ FwdResult lce_fwd_cuda(
     const at::Tensor& labels, const c10::optional<at::Tensor>& grad_scale, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
     int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
-    const c10::optional<at::Tensor>& class_weight, bool return_stats) {
+    const c10::optional<at::Tensor>& class_weight, bool return_stats, double grad_filter) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_fwd_entry(cuda_row_kernel, hidden, weight, bias, labels, grad_scale, ignore_index, label_smoothing,
                          z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size, compute_dh, compute_dw,
-                         compute_db, class_weight, return_stats);
+                         compute_db, class_weight, return_stats, grad_filter);
   chk.finish();
   return r;
 }
@@ -825,14 +825,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lce_bwd_cuda(
     const c10::optional<at::Tensor>& bias, const at::Tensor& labels, const at::Tensor& lse, int64_t ignore_index,
     double label_smoothing, double z_loss, double softcap, double logit_scale, int64_t vocab_start,
     int64_t vocab_total, int64_t chunk_size, bool compute_dh, bool compute_dw, bool compute_db,
-    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse) {
+    const c10::optional<at::Tensor>& class_weight, const c10::optional<at::Tensor>& grad_lse,
+    double grad_filter) {
   const at::cuda::OptionalCUDAGuard guard(hidden.device());
   check_loss_args(hidden, weight, bias, labels, chunk_size);
   IndexCheck chk;
   start_check(chk, flat_long(labels), total_vocab(vocab_start, vocab_total, weight), true, ignore_index, "label");
   auto r = lce_bwd_entry(cuda_row_kernel, grad_loss, hidden, weight, bias, labels, lse, ignore_index,
                          label_smoothing, z_loss, softcap, logit_scale, vocab_start, vocab_total, chunk_size,
-                         compute_dh, compute_dw, compute_db, class_weight, grad_lse);
+                         compute_dh, compute_dw, compute_db, class_weight, grad_lse, grad_filter);
   chk.finish();
   return r;
 }

@@ -22,6 +22,12 @@ Per chunk of rows (``chunk_size``, the caller's chunk rule):
 ``tiedkernels/triton/plan.py`` derives each launch's programs, flops and bytes from the same
 rules (``row_config``, ``splits``, ``fp32_logits``).
 
+Gradient filter (``grad_filter`` > 0, ``tiedkernels/_schemas.py``): after step 4 the chunk's kept
+columns are found (``filter_keep``) and the two GEMMs run on them only (gathered rows of ``W``, an
+``index_add_`` into ``dW``): one host sync per chunk on a GPU (the kept count).  Traced by
+``torch.compile`` on a GPU, the skipped columns of ``dz`` are zeroed instead (no data-dependent
+shape, no sync, dense GEMMs: the same gradients, without the saving).
+
 Strategies (DESIGN section 2): with ``grad_scale`` (a scalar loss that needs a gradient)
 ``lce_fwd`` finishes the gradients in the same pass; otherwise it computes lse only and
 ``lce_bwd`` recomputes the chunks with the real incoming gradient.
@@ -31,6 +37,7 @@ A label outside [0, V) (not ignore_index) is reported as an IndexError (see
 gradient rows are NaN.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -38,6 +45,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
+from .._torch_backend import filter_keep, filter_thresholds, filtered_gemms
 from ._common import (check_indices, device_guard, interpreted, launcher, round_to, same_device, softcap_args,
                       stat_dtype, tanh)
 
@@ -313,6 +321,11 @@ def _grad_kernel(Z, DZ, B, CW, CSUM, LAB, LSE, G, GL, v, valid, span, stride_z, 
         tl.store(drow + cols, round_to(dz, DZ.dtype.element_ty), mask=cmask)
 
 
+def _traced(t):
+    """True while torch.compile traces the op's body (functional or fake tensors, not real ones)."""
+    return type(t) is not torch.Tensor
+
+
 def _has_dtype_mm():
     return hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.mm, "dtype")
 
@@ -321,7 +334,10 @@ class _Args:
     """One op call: the checked arguments, the launch rules and the per-chunk driver."""
 
     def __init__(self, hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale,
-                 vocab_start, vocab_total, chunk_size, class_weight=None):
+                 vocab_start, vocab_total, chunk_size, class_weight=None, grad_filter=0.0):
+        if not (math.isfinite(grad_filter) and grad_filter >= 0):
+            raise RuntimeError(f"tiedkernels: grad_filter must be a finite number >= 0, got {grad_filter}")
+        self.grad_filter = float(grad_filter)
         if chunk_size <= 0:
             raise RuntimeError(f"tiedkernels: chunk_size must be positive, got {chunk_size}")
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -465,7 +481,9 @@ class _Args:
         gl_all = grad_lse.to(sdt).contiguous() if grad_lse is not None else None
         dh = torch.empty((n, d), dtype=self.dtype, device=dev) if want_dh else None
         low = self.dtype != sdt
-        dw = None  # the first chunk writes it
+        filtering = self.grad_filter > 0 and (want_dh or want_dw) and v > 0
+        # the first chunk writes dW; with the filter any chunk may add only its kept rows
+        dw = torch.zeros((v, d), dtype=sdt, device=dev) if filtering and want_dw and n > 0 else None
         db = torch.zeros((v,), dtype=sdt, device=dev) if want_db else None
         g_all = grad_scale.to(sdt).contiguous() if grad_scale is not None else None
         dzbuf = None
@@ -490,14 +508,28 @@ class _Args:
                 dz = dzbuf[:rows]
             else:
                 dz = z
-            self.row_grad(z, dz, lab, use_lse, g, gl_all[start:start + rows] if gl_all is not None else None)
+            gl = gl_all[start:start + rows] if gl_all is not None else None
+            self.row_grad(z, dz, lab, use_lse, g, gl)
             hc = self.hidden[start:start + rows]
+            if want_db:
+                db += dz.sum(0, dtype=sdt)  # exact: every column
+            if filtering:
+                thr = filter_thresholds(g.expand(rows), lab == self.ignore_index, gl, self.grad_filter)
+                keep = filter_keep(dz, thr)
+                if _traced(dz):
+                    # traced (torch.compile on a GPU): no data-dependent shapes, no host sync; the
+                    # skipped columns are zeroed and the GEMMs stay dense (same values, no saving)
+                    dz = torch.where(keep[None, :], dz, torch.zeros((), dtype=dz.dtype, device=dz.device))
+                else:
+                    idx = keep.nonzero().squeeze(1)  # one host sync per chunk on a GPU
+                    if idx.shape[0] < v:
+                        filtered_gemms(dz, hc, self.weight, idx, dh[start:start + rows] if want_dh else None,
+                                       dw if want_dw else None, torch.mm, self._mm_acc)
+                        continue
             if want_dh:
                 torch.mm(dz, self.weight, out=dh[start:start + rows])
             if want_dw:
                 dw = self._add_dw(dw, dz, hc, low)
-            if want_db:
-                db += dz.sum(0, dtype=sdt)
         if want_dh and self.valid == 0:
             dh.zero_()
         if want_dw and dw is None:
@@ -510,6 +542,14 @@ class _Args:
         if mode == "bwd":
             return out_dh, out_dw, out_db
         return loss_vec, lse, out_dh, out_dw, out_db, pred, ent
+
+    def _mm_acc(self, a, b):
+        """a @ b in the statistics dtype (fp32 for bf16/fp16: exact products, fp32 sums)."""
+        if a.dtype == self.sdt:
+            return torch.mm(a, b)
+        if a.is_cuda and _has_dtype_mm():
+            return torch.ops.aten.mm.dtype(a, b, self.sdt)
+        return torch.mm(a.to(self.sdt), b.to(self.sdt))
 
     def _add_dw(self, dw, dz, hc, low):
         """dW (fp32 for low precision) = or += dz^T h_c: on the CPU (the interpreter) in fp32 (exact
@@ -560,10 +600,11 @@ def lce_fwd(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
             grad_scale: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
             softcap: float, logit_scale: float, vocab_start: int, vocab_total: int, chunk_size: int,
             compute_dh: bool, compute_dw: bool, compute_db: bool, class_weight: Optional[torch.Tensor] = None,
-            return_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor, torch.Tensor]:
+            return_stats: bool = False, grad_filter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                           torch.Tensor]:
     a = _Args(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
-              vocab_total, chunk_size, class_weight)
+              vocab_total, chunk_size, class_weight, grad_filter)
     if grad_scale is not None:
         _check_grad(grad_scale, a.n, "grad scale")
     grads = grad_scale is not None
@@ -586,9 +627,10 @@ def lce_bwd(grad_loss: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
             labels: torch.Tensor, lse: torch.Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
             softcap: float, logit_scale: float, vocab_start: int, vocab_total: int, chunk_size: int,
             compute_dh: bool, compute_dw: bool, compute_db: bool, class_weight: Optional[torch.Tensor] = None,
-            grad_lse: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            grad_lse: Optional[torch.Tensor] = None, grad_filter: float = 0.0) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
     a = _Args(hidden, weight, bias, labels, ignore_index, label_smoothing, z_loss, softcap, logit_scale, vocab_start,
-              vocab_total, chunk_size, class_weight)
+              vocab_total, chunk_size, class_weight, grad_filter)
     _check_grad(grad_loss, a.n, "the incoming gradient")
     if lse.shape != (a.n,):
         raise RuntimeError(f"tiedkernels: lse must be [N] = [{a.n}], got {tuple(lse.shape)}")
