@@ -320,7 +320,8 @@ def vocab_parallel_embedding(ids, weight_shard, *, vocab_start=None, vocab_size=
 
 
 class _Config:
-    __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size", "class_weight")
+    __slots__ = ("op_stats", "op_bwd", "opts", "group", "reduce_dh", "eps", "z_loss", "vocab_size", "class_weight",
+                 "grad_filter")
 
 
 _UNSUPPORTED_MODE = ("tiedkernels: the vocabulary-parallel loss has the ordinary backward only; {mode} is not "
@@ -406,6 +407,9 @@ class _VocabParallelLCE(torch.autograd.Function):
         else:
             g = lse.new_zeros(lse.shape) if g_tok is None else g_tok.contiguous()
             extra = {} if g_lse is None else {"grad_lse": g_lse.contiguous()}
+            if cfg.grad_filter:
+                # each rank filters its own columns: the bound per element is the single-device one
+                extra["grad_filter"] = cfg.grad_filter
             dh, dw, db = cfg.op_bwd(g, hidden, weight, bias, labels, lse, ignore_index, cfg.eps, cfg.z_loss, softcap,
                                     logit_scale, vocab_start, vocab_total, chunk, *want,
                                     class_weight=cfg.class_weight, **extra)
@@ -426,7 +430,7 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
                                         label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0,
                                         num_items_in_batch=None, shift=False, return_lse=False, chunk_size=None,
                                         backend="auto", sequence_parallel=False, sequence_dim=-1,
-                                        reduce_grad_input=True, class_weight=None):
+                                        reduce_grad_input=True, class_weight=None, grad_filter=None):
     """``linear_cross_entropy`` with ``W`` (and ``bias``) split by rows over ``process_group``.
 
     ``weight_shard [Vl, D]`` holds global rows ``[vocab_start, vocab_start + Vl)``; rows (columns of
@@ -440,6 +444,8 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
     rank's partial sum (for a caller that reduces it itself).  Every other option is
     ``linear_cross_entropy``'s.  Label smoothing uses the mean over the whole vocabulary.
     ``class_weight`` is the whole vocabulary's ``[vocab_size]`` weights, the same on every rank.
+    ``grad_filter`` as in ``linear_cross_entropy``: each rank leaves out of its backward GEMMs the
+    columns of its shard that the filter skips (the loss is exact).
     """
     if _is_dtensor(weight_shard):
         weight_shard, vocab_start, v, process_group = _dtensor_shard(weight_shard)
@@ -483,6 +489,7 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
                            num_items_in_batch=num_items_in_batch, shift=shift, context=what)
     cap = tkf._softcap_value(softcap)
     lscale = tkf._logit_scale_value(logit_scale)
+    gfilter = tkf.grad_filter_value(grad_filter, hidden.dtype)
     hidden, weight_shard = tkf._nonempty_dim(hidden, weight_shard)
     d = weight_shard.shape[1]
     lab = tkf.shift_labels(labels, ignore_index) if shift else labels
@@ -507,6 +514,7 @@ def vocab_parallel_linear_cross_entropy(hidden, weight_shard, labels, *, vocab_s
         if class_weight.requires_grad:
             raise NotImplementedError("tiedkernels: class_weight gets no gradient; pass class_weight.detach()")
     cfg.class_weight = class_weight
+    cfg.grad_filter = gfilter
     with tkf.no_autocast(weight_shard.device):
         tok, lse = _VocabParallelLCE.apply(h2, weight_shard, bias, lab, cfg)
     denom = tkf.loss_denominator(lab, reduction, ignore_index, num_items_in_batch, tok.dtype, class_weight)

@@ -372,17 +372,56 @@ def finish(loss, lse, labels_shape, shift, return_lse):
     return loss, (lse[..., :-1] if shift else lse)
 
 
+# grad_filter="auto": this fraction of the dtype's machine epsilon (see grad_filter_value).
+AUTO_FILTER_EPS_FRACTION = 1.0 / 32
+
+
+def grad_filter_value(grad_filter, dtype):
+    """The kernels' threshold ``t`` for ``grad_filter`` (0.0: exact).
+
+    ``None`` (or 0): exact.  A finite number ``t >= 0``: per row chunk, a vocabulary column ``j`` is
+    left out of the ``dh`` and ``dW`` GEMMs when ``|dz_ij| <= t * s_i`` in every row ``i`` of the
+    chunk, ``s_i`` the row's incoming gradient scale (``|dL/dloss_i|``, 1/denominator for a mean,
+    times the caller's incoming gradient on the recompute path; plus ``|dL/dlse_i|``).  ``"auto"``:
+    ``eps(dtype) / 32`` (bf16 2^-12, fp16 2^-15, fp32 2^-28, fp64 2^-57): in units of ``s_i``, the
+    rounding that ``dz`` itself gets in the input dtype near 1 is ``eps/2``, so a dropped entry is
+    at most 1/16 of the rounding error of an entry of size 1 (Cut Cross-Entropy's default, on the
+    same scale: its filter compares softmax probabilities)."""
+    if grad_filter is None:
+        return 0.0
+    if isinstance(grad_filter, str):
+        if grad_filter == "auto":
+            return float(torch.finfo(dtype).eps * AUTO_FILTER_EPS_FRACTION)
+        raise TiedKernelsError(f"tiedkernels: grad_filter must be None, a number >= 0 or 'auto', got {grad_filter!r}")
+    if isinstance(grad_filter, torch.Tensor):
+        raise TiedKernelsError("tiedkernels: grad_filter must be a Python number (or None or 'auto'), not a tensor: "
+                               "it decides which GEMM columns run, so it is read on the host; pass float(t)")
+    if isinstance(grad_filter, bool) or not isinstance(grad_filter, numbers.Real):
+        raise TiedKernelsError(f"tiedkernels: grad_filter must be None, a number >= 0 or 'auto', got "
+                               f"{type(grad_filter).__name__} {grad_filter!r}")
+    t = float(grad_filter)
+    if not (math.isfinite(t) and t >= 0):
+        raise TiedKernelsError(f"tiedkernels: grad_filter must be a finite number >= 0 (0 or None: exact), got "
+                               f"{grad_filter}")
+    return t
+
+
 def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
                          label_smoothing=0.0, z_loss=0.0, softcap=None, logit_scale=1.0, num_items_in_batch=None,
                          shift=False, return_lse=False, chunk_size=None, backend="auto", class_weight=None,
-                         return_stats=False):
+                         return_stats=False, grad_filter=None):
     """Cross-entropy of ``softcap((hidden @ weight.T + bias) * logit_scale)`` against ``labels``
     without materializing the ``[N, V]`` logits.
 
     hidden ``[*, D]``, labels ``[*]``. Returns the loss (fp32; fp64 for fp64 inputs), and the
     per-token logsumexp too when ``return_lse``. ``class_weight`` ``[V]``: per-class weights
     (``F.cross_entropy``'s ``weight=``). ``return_stats``: a ``LossStats`` tuple instead (loss, lse,
-    z_loss, predictions, accuracy, entropy) from the same pass. See the README for every option.
+    z_loss, predictions, accuracy, entropy) from the same pass. ``grad_filter`` (None: exact; a
+    threshold ``t >= 0``; ``"auto"``): the columns of a chunk's ``dL/dz`` at most ``t`` times each row's
+    incoming gradient scale in every row are left out of the ``dh`` and ``dW`` GEMMs (see
+    ``grad_filter_value``); the loss, lse and statistics are exact; the differentiable path
+    (``torch.func``, forward-mode AD, ``create_graph=True``) ignores it (exact gradients). See the
+    README for every option.
     """
     check_weight(weight)
     hidden, weight, bias = autocast_inputs(hidden, weight, bias)
@@ -395,6 +434,7 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     check_class_weight(class_weight, weight)
     cap = _softcap_value(softcap)
     lscale = _logit_scale_value(logit_scale)
+    gfilter = grad_filter_value(grad_filter, hidden.dtype)
     lab = shift_labels(labels, ignore_index) if shift else labels
     n = labels.numel()
     hidden, weight = _nonempty_dim(hidden, weight)
@@ -411,10 +451,13 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
     sdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     denom = loss_denominator(lab, reduction, ignore_index, num_items_in_batch, sdt, class_weight)
     extra = dict(class_weight=class_weight, return_stats=bool(return_stats))
+    if gfilter > 0:
+        extra["grad_filter"] = gfilter
     out = None
     with no_autocast(weight.device):
         if _composite.mode(h2, weight, bias, class_weight) is not None:
-            # torch.func transforms, forward-mode AD: the differentiable path (chunked plain ops)
+            # torch.func transforms, forward-mode AD: the differentiable path (chunked plain ops),
+            # exact gradients (no grad_filter there)
             out = _composite.linear_cross_entropy(h2, weight, bias, lab, opts, class_weight, return_stats)
             tok, lse = out[:2]
             out = (tok, lse, None, None, None, *out[2:])  # the op's output positions (stats at 5, 6)

@@ -113,7 +113,12 @@ class TiedEmbeddingHead(nn.Embedding):
         return tkf.logits(hidden, _tie.head_weight(self.weight), bias=bias, **opts)
 
     def loss(self, hidden, labels, **opts):
+        """The fused loss of ``hidden`` against ``labels`` (``tkf.linear_cross_entropy``'s options).
+        ``grad_filter`` defaults to the head's ``grad_filter`` attribute when one is set (a patched
+        Hugging Face model's training forward sets it from ``patch(model, grad_filter=...)``)."""
         opts = self._head_opts(opts)
+        if "grad_filter" not in opts and self.__dict__.get("grad_filter") is not None:
+            opts["grad_filter"] = self.__dict__["grad_filter"]
         bias = opts.pop("bias", self.output_embeddings.bias)
         return tkf.linear_cross_entropy(hidden, _tie.head_weight(self.weight), labels, bias=bias, **opts)
 

@@ -63,6 +63,10 @@ def _patched_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     prev = out_mod.__dict__.get("lazy", False)
     out_mod.__dict__["lazy"] = True
+    # patch(model, grad_filter=...) reaches the fused loss through the head's loss (this call only)
+    head = out_mod.head
+    prev_filter = head.__dict__.get("grad_filter")
+    head.__dict__["grad_filter"] = getattr(st, "grad_filter", None)
     calls = []
     # Dynamo cannot trace registering a hook (a graph break under fullgraph): the check that the
     # output layer was called runs in eager mode only.
@@ -72,6 +76,7 @@ def _patched_forward(self, *args, **kwargs):
         output = type(self).forward(self, *args, **kwargs)
     finally:
         out_mod.__dict__["lazy"] = prev
+        head.__dict__["grad_filter"] = prev_filter
         if hook is not None:
             hook.remove()
     if compiling:

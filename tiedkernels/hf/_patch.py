@@ -173,7 +173,7 @@ def _tie(model):
         model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
 
 
-def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_tie=False):
+def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_tie=False, grad_filter=None):
     """Swap one ``TiedEmbeddingHead`` into ``model`` (a transformers ``PreTrainedModel``) in place.
 
     The input embedding becomes the head, the output embedding (``lm_head``, BERT's decoder) its
@@ -185,15 +185,24 @@ def patch(model, *, backend="auto", fused_loss=True, return_logits=False, force_
     ``patch`` or to one forward call to get the logits and the stock loss in training mode too).
     Idempotent: patching again only updates the options.
 
+    ``grad_filter`` (None: exact; a threshold; ``"auto"``): the fused loss of a training step leaves
+    the vocabulary columns whose gradient is negligible out of its backward GEMMs
+    (``tiedkernels.linear_cross_entropy``'s option, with its bound); the loss itself is exact, and
+    eval mode (stock logits and loss) is unchanged.
+
     A model whose config does not tie its word embeddings is refused, and so is one whose input and
     output weights are separate tensors that are not equal copies (a checkpoint that stores its own
     output layer, e.g. T5 v1.1), whatever the config says; equal copies are tied. ``force_tie=True``
     ties either anyway (for training from scratch: the output side then uses the input embedding's
     weight, as ``tie_word_embeddings=True`` would have done at construction).
     """
+    from .. import functional as tkf
+
+    tkf.grad_filter_value(grad_filter, torch.float32)  # a bad value raises here, not at the first step
     snap = _Snapshot(model)
     try:
         _patch(model, backend=backend, fused_loss=fused_loss, return_logits=return_logits, force_tie=force_tie)
+        model.__dict__[_STATE].grad_filter = grad_filter
     except BaseException:
         snap.restore()
         raise
