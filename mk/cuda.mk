@@ -30,9 +30,10 @@ test-core: triton-deps
 
 # tests/test_triton.py in a process of its own, with the interpreter on from the start: in the
 # full run another test module may import Triton first (transformers/peft do), after which the
-# interpreter cannot be switched on and the file skips itself there.
+# interpreter cannot be switched on and the file skips itself there.  tests/test_grad_filter_triton.py
+# runs only here (it skips itself unless TRITON_INTERPRET=1 was set before the process started).
 test-triton: triton-deps
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton.py -q $(PYTEST_TESTS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest tests/test_triton.py tests/test_grad_filter_triton.py -q $(PYTEST_TESTS)
 
 $(CUDA_TORCH_STAMP):
 	test -x $(CUDA_BIN)/python || $(PYTHON) -m venv $(VENV_CUDA)
