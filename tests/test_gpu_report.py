@@ -153,7 +153,8 @@ def test_resident_blocks():
 
 def test_json_has_exactly_the_documented_keys(report):
     j = G.to_json(report)
-    assert set(j) == {"kernels", "shapes"}
+    assert set(j) == {"kernels", "shapes", "filtered"}
+    assert j["filtered"] == []  # build_report without kept: no filtered plan
     assert j["kernels"] and j["shapes"]
     for k in j["kernels"]:
         assert set(k) == {"backend", "kernel", "arch", "config", "registers", "spill_bytes", "shared_bytes"}
@@ -238,6 +239,130 @@ def test_cli_text_and_json():
     for name, n, d, v in G.SHAPES:
         assert f"cuda · {name} (N={n}, D={d}, V={v}, bf16), 132 SMs" in text
     assert "row_kernel" in text and "roofline" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient filtering: the cuda plan at a kept fraction
+
+
+def test_filter_tile_matches_the_driver():
+    with open(os.path.join(ROOT, "csrc", "lce_driver.cpp")) as f:
+        driver = f.read()
+    assert re.search(r"constexpr int64_t kFilterTileBytes = 64LL << 20;", driver) and G.FILTER_TILE_BYTES == 64 << 20
+    # what the plan models: zeroed dW, aminmax + nonzero per chunk, tiles of index_select, the GEMMs, index_add_
+    assert re.search(r"\(chunks == 0 \|\| filtering\) \? at::zeros\(\{v, d\}", driver)
+    assert "at::aminmax(dz, 0)" in driver and "at::nonzero(filter_keep(z, thr))" in driver
+    assert re.search(r"const int64_t tile = std::max<int64_t>\(1, kFilterTileBytes / std::max<int64_t>\(1, d \* 4\)\);",
+                     driver)
+    # on CUDA: index_select of the dz columns and W rows, the fp32 dh and dW parts, index_add_ into dW
+    for frag in (r"z\.index_select\(1, (it|idx)\)", r"w\.index_select\(0, it\)",
+                 r"at::addmm_out\(dh32, dh32, zk, wk, sdt\)", r"at::mm_out\(part, zk\.t\(\), hc, sdt\)",
+                 r"\.index_add_\(0, (it|idx), part\)"):
+        assert re.search(frag, driver), frag
+
+
+def test_filtered_plan_flops_and_bytes():
+    for name, n, d, v in G.SHAPES + (("odd", 1000, 64, 123), ("one tile", 3000, 64, 300_000)):
+        for dtype in ("bf16", "fp32"):
+            e = G.DTYPE_BYTES[dtype]
+            for kept in (1e-4, 0.0123, 0.5):
+                k = max(1, math.ceil(kept * v))
+                L = G.cuda_filtered_launches(n, d, v, kept, dtype)
+                dense = G.cuda_launches(n, d, v, dtype)
+                # the logits GEMM dense, dh and dW on the kept columns: 2·N·D·V + 2·(2·N·D·k)
+                assert sum(x["flops"] for x in L) == 2 * n * d * v + 4 * n * d * k, (name, kept)
+                named = lambda L, p: [x for x in L if x["kernel"].startswith(p)]  # noqa: E731
+                assert named(L, "cublas: z = ") == named(dense, "cublas: z = ")
+                assert named(L, "row_kernel") == named(dense, "row_kernel")
+                chunk = functional.chunk_rows(n, v, None, d=d, itemsize=e, dw=False)
+                cs = [min(chunk, n - s) for s in range(0, n, chunk)]
+                tile = max(1, (64 << 20) // (4 * d))
+                kts = [min(tile, k - k0) for k0 in range(0, k, tile)]
+                # per chunk and tile: dz_kᵀ·h_c into an fp32 [kt, D] part, index_add_ of it into dW (atomics)
+                assert [x["hbm_bytes"] for x in named(L, "cublas: dW_k")] == \
+                    [e * (c * kt + c * d) + 4 * kt * d for c in cs for kt in kts]
+                adds = named(L, "aten: index_add_")
+                assert [(x["hbm_bytes"], x["atomic_bytes"]) for x in adds] == \
+                    [(4 * kt * d + 8 * kt, 4 * kt * d) for _ in cs for kt in kts]
+                # dh_c: one tile straight into dh; several: summed in fp32 (bf16) or in place (fp32)
+                dh = named(L, "cublas: dh_c")
+                if len(kts) == 1:
+                    assert [x["hbm_bytes"] for x in dh] == [e * (c * k + k * d + c * d) for c in cs]
+                elif e == 2:
+                    assert [x["hbm_bytes"] for x in dh] == [e * (c * kt + kt * d) + 8 * c * d for c in cs for kt in kts]
+                    assert len(named(L, "filter: dh_c fp32 -> input dtype")) == len(cs)
+                else:
+                    assert [x["hbm_bytes"] for x in dh] == [e * (c * kt + kt * d) + (1 + (i > 0)) * e * c * d
+                                                            for c in cs for i, kt in enumerate(kts)]
+                # the gathers: kt columns of each dz row and kt rows of W, read and written, with the indices
+                assert [x["hbm_bytes"] for x in named(L, "filter: index_select W")] == \
+                    [2 * e * kt * d + 8 * kt for _ in cs for kt in kts]
+                assert [x["hbm_bytes"] for x in named(L, "filter: index_select dz")] == \
+                    [2 * e * c * kt + 8 * kt for c in cs for kt in kts]
+                # dW zeroed once (no chunk writes all of it); the dense plan's tail
+                assert [x["hbm_bytes"] for x in named(L, "aten: zero the fp32 dW")] == [4 * v * d]
+                assert L[-3:] == dense[-3:] and len(named(L, "filter: nonzero")) == len(cs)
+                assert all(x["programs"] >= 1 for x in L)
+                assert sum(x["atomic_bytes"] for x in L) == 4 * k * d * len(cs)
+    # several tiles at the Llama head (4,096 columns of D=4096 per tile)
+    assert len([x for x in G.cuda_filtered_launches(8192, 4096, 128_256, 0.5) if x["kernel"].startswith("cublas: dW_k")]) \
+        == 2 * 16
+    # every column kept: the dense GEMMs and flops, dW accumulated from the first chunk (it was zeroed)
+    L = G.cuda_filtered_launches(512, 64, 123, 1.0)
+    assert sum(x["flops"] for x in L) == 6 * 512 * 64 * 123 and not [x for x in L if "index_" in x["kernel"]]
+    assert [x["kernel"] for x in L if x["kernel"].startswith("cublas: dW")] == \
+        ["cublas: dW += dzᵀ·h_c (fp32 out)"] * math.ceil(512 / functional.chunk_rows(512, 123, None, d=64, itemsize=2))
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="kept fraction"):
+            G.cuda_filtered_launches(512, 64, 123, bad)
+
+
+def test_filtered_llama_head_next_to_the_dense_one():
+    rep = G.build_report(backends=("cuda",), kept=G.KEPT_DEFAULT)
+    s = next(s for s in rep["filtered"] if s["shape"] == "llama3-8b")
+    dense = next(s for s in rep["shapes"] if s["shape"] == "llama3-8b")
+    n, d, v = 8192, 4096, 128_256
+    k = math.ceil(G.KEPT_DEFAULT * v)
+    assert s["kept_columns"] == k and s["flops"] == 2 * n * d * v + 4 * n * d * k
+    assert (s["dense_flops"], s["dense_hbm_bytes"], s["dense_roofline_ms"]) == \
+        (dense["flops"], dense["hbm_bytes"], dense["roofline_ms"])
+    want = max(s["flops"] / 989e12, (s["hbm_bytes"] + s["atomic_bytes"]) / 3.35e12) * 1e3
+    assert math.isclose(s["roofline_ms"], want, rel_tol=1e-12)
+    # fewer flops than dense; the logits GEMM alone (2·N·D·V) is the floor.  The bytes: more than dense at
+    # this fraction (the gathers, the zeroed dW, the scatter-add), fewer at a small one
+    assert s["flops"] < dense["flops"] and s["atomic_bytes"] == 2 * 4 * k * d  # index_add_, two chunks
+    small = G.filtered_entry("llama3-8b", n, d, v, "bf16", G.H100_SMS, 0.01)
+    assert small["hbm_bytes"] < dense["hbm_bytes"] and small["roofline_ms"] < s["roofline_ms"]
+    assert 2 * n * d * v / 989e12 * 1e3 <= s["roofline_ms"] < dense["roofline_ms"]
+    text = G.format_text(rep)
+    assert f"cuda · llama3-8b filtered (N={n}, D={d}, V={v}, bf16, kept {G.KEPT_DEFAULT:g}: {k:,} columns" in text
+    assert f"against dense {dense['roofline_ms']:.2f} ms" in text and G.KEPT_SOURCE in text
+    # the dense part of the text is what it was without the filter
+    plain = G.format_text(G.build_report(backends=("cuda",)))
+    assert text.startswith(plain.split("\nnote:")[0].rstrip("\n"))
+    assert "gradient filter" not in plain
+
+
+def test_cli_kept_option():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "tiedkernels", "gpu-report", "--backend", "cuda", *a],  # noqa: E731
+                                    cwd=ROOT, capture_output=True, text=True, env=env)
+    res = run("--json", "--shape", "1024,512,5000", "--kept", "0.02")
+    assert res.returncode == 0, res.stderr
+    j = json.loads(res.stdout)
+    (f,) = j["filtered"]
+    assert set(f) == {"backend", "shape", "sms", "kept", "kept_columns", "flops", "hbm_bytes", "atomic_bytes",
+                      "roofline_ms", "dense_flops", "dense_hbm_bytes", "dense_atomic_bytes", "dense_roofline_ms",
+                      "launches"}
+    assert f["kept"] == 0.02 and f["kept_columns"] == 100 and f["flops"] == 2 * 1024 * 512 * 5000 + 4 * 1024 * 512 * 100
+    assert j["shapes"][0]["flops"] == f["dense_flops"] == 6 * 1024 * 512 * 5000
+    # the default: the measured fraction
+    j = json.loads(run("--json", "--shape", "1024,512,5000").stdout)
+    assert j["filtered"][0]["kept"] == G.KEPT_DEFAULT
+    assert json.loads(run("--json", "--kept", "none").stdout)["filtered"] == []
+    for bad in ("0", "1.5", "x"):
+        res = run("--kept", bad)
+        assert res.returncode == 2 and "--kept" in res.stderr and "(0, 1]" in res.stderr, bad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,6 +51,20 @@ SHAPES = (
 )
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
+# Gradient filtering (``grad_filter=``): the fraction of the vocabulary columns a chunk keeps for the
+# dh and dW GEMMs.  The default is measured on the trained workload (benchmarks/workload.py, the demo's
+# GPT-2 with a 4,096-row vocabulary on the shipped corpus; `python -m benchmarks.workload` prints the
+# tables): with bf16's grad_filter="auto" threshold (2^-12 of each row's gradient scale), in chunks of
+# 4,096 rows (the cuda plan's chunk for the Llama 3 8B head), on the "mid" split (the training text when
+# the training loss was 2.5 nats), a chunk keeps 1,933.5 of the 4,096 columns on average: 0.472.  That
+# is the fraction of the workload's own vocabulary, no extrapolation; its text uses 1,945 tokens, and a
+# chunk keeps 99.4% of those.  Were the kept *count* the same at V=128,256 (a larger vocabulary adding
+# only tokens the text never uses), the fraction would be 1,933.5 / 128,256 = 0.0151: `--kept 0.0151`.
+KEPT_WORKLOAD = {"split": "mid", "chunk_rows": 4096, "threshold": "2^-12 bf16 auto"}
+KEPT_DEFAULT = 0.472
+KEPT_SOURCE = ("measured on benchmarks/workload.py's trained GPT-2, V=4,096: bf16 grad_filter='auto' (2^-12), "
+               "4,096-row chunks, the 'mid' split at 2.5 nats; the same kept count at V=128,256 would be 0.0151")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cuda_resources.json")
 # What the CUDA kernels' machine code depends on in this repository: csrc/cuda.  kernels.cu also
@@ -375,6 +389,77 @@ def cuda_launches(n, d, v, dtype="bf16", sms=H100_SMS):
     return L
 
 
+# csrc/lce_driver.cpp, kFilterTileBytes: the filtered GEMMs walk the kept columns in tiles of this many
+# bytes of fp32 [kept, D] rows (so their temporaries stay bounded whatever the kept fraction).
+FILTER_TILE_BYTES = 64 << 20
+
+
+def cuda_filtered_launches(n, d, v, kept, dtype="bf16", sms=H100_SMS):
+    """The cuda plan with gradient filtering (``grad_filter=``) at a kept fraction ``kept`` of the
+    vocabulary in every chunk, as csrc/lce_driver.cpp runs it: ``dW`` is zeroed first (no chunk writes
+    all of it); per chunk the logits GEMM and the row kernel stay dense, then the kept columns are
+    found (``aminmax`` of ``dz`` over the rows against the threshold, ``nonzero``: the one host sync
+    of a chunk), and the ``dh`` and ``dW`` GEMMs run on ``k = ceil(kept·V)`` columns only, in tiles of
+    ``FILTER_TILE_BYTES`` of fp32 ``[k, D]`` rows: ``index_select`` of the tile's ``dz`` columns and
+    ``W`` rows, ``dh_c = dz_k·W_k`` (several tiles of a bf16/fp16 ``dh`` summed in an fp32 buffer,
+    rounded once), ``dz_kᵀ·h_c`` into an fp32 ``[kt, D]`` part, and ``index_add_`` of the part into the
+    kept rows of the fp32 ``dW`` (atomic adds on CUDA: counted as atomic bytes).  ``kept = 1`` is a
+    chunk that keeps every column: the dense GEMMs, ``dW`` accumulated from the first chunk on."""
+    if not 0 < kept <= 1:
+        raise ValueError(f"gpu-report: the kept fraction must be in (0, 1], got {kept}")
+    e = DTYPE_BYTES[dtype]
+    low = e < 4
+    k = max(1, min(v, math.ceil(kept * v)))
+    tile = max(1, FILTER_TILE_BYTES // (d * 4))
+    L = []
+    L.append(_elementwise("aten: denominator (labels != ignore_index).sum()", n, 8 * n + 4))
+    L.append(_elementwise("aten: clamp, to fp32, reciprocal of the denominator", 1, 16))
+    L.append(_elementwise("aten: fill (first bad position)", 1, 8))
+    L.append(_launch("find_bad_kernel", cdiv(n, CUDA_THREADS["find_bad_kernel"]), 0, 8 * n))
+    L.append(_launch("bad_record_kernel", 1, 0, 8 + 8 + 24))
+    L.append(_elementwise("aten: zero the fp32 dW", v * d, v * d * 4))
+    chunk = _chunk_rows(n, d, e)
+    for start in range(0, n, chunk):
+        c = min(chunk, n - start)
+        L.append(_gemm("cublas: z = h_c·Wᵀ", c, v, d, c * d * e, v * d * e, c * v * e))
+        L.append(_launch("row_kernel", c, 0, 3 * c * v * e + c * (8 + 4 + 4) + 4))
+        # filter_keep: min and max of dz over the rows, compared with the threshold, a [V] mask
+        L.append(_elementwise("filter: aminmax of dz over rows vs threshold", c * v, c * v * e + 4 * v * e + v))
+        # nonzero: the kept columns' int64 indices (its count comes to the host)
+        L.append(_elementwise("filter: nonzero (kept columns; host sync)", v, v + 8 * k))
+        if k == v:  # every column kept: the dense GEMMs, dW accumulated (it was zeroed)
+            L.append(_gemm("cublas: dh_c = dz·W", c, d, v, c * v * e, v * d * e, c * d * e))
+            L.append(_gemm("cublas: dW += dzᵀ·h_c" + (" (fp32 out)" if low else ""), v, d, c, c * v * e, c * d * e,
+                           2 * v * d * 4))
+            continue
+        tiles = [min(tile, k - k0) for k0 in range(0, k, tile)]
+        dh32 = low and len(tiles) > 1
+        if dh32:
+            L.append(_elementwise("filter: zero the fp32 dh_c", c * d, c * d * 4))
+        for i, kt in enumerate(tiles):
+            L.append(_elementwise("filter: index_select dz[:, kept]", c * kt, 2 * c * kt * e + 8 * kt))
+            L.append(_elementwise("filter: index_select W[kept]", kt * d, 2 * kt * d * e + 8 * kt))
+            if dh32:
+                L.append(_gemm("cublas: dh_c += dz_k·W_k (fp32 out)", c, d, kt, c * kt * e, kt * d * e, 2 * c * d * 4))
+            elif i == 0:
+                L.append(_gemm("cublas: dh_c = dz_k·W_k", c, d, kt, c * kt * e, kt * d * e, c * d * e))
+            else:  # fp32: later tiles summed in place
+                L.append(_gemm("cublas: dh_c += dz_k·W_k", c, d, kt, c * kt * e, kt * d * e, 2 * c * d * e))
+            L.append(_gemm("cublas: dW_k = dz_kᵀ·h_c (fp32 out)", kt, d, c, c * kt * e, c * d * e, kt * d * 4))
+            # index_add_: the part and the indices read, atomic adds into the kept rows of dW
+            L.append(_launch("aten: index_add_ dW[kept] += dW_k (fp32)", max(1, cdiv(kt * d, ELEMENTWISE_PER_PROGRAM)),
+                             0, kt * d * 4 + 8 * kt, kt * d * 4))
+        if dh32:
+            L.append(_elementwise("filter: dh_c fp32 -> input dtype", c * d, c * d * (4 + e)))
+    L.append(_elementwise("aten: loss = sum(loss_vec)", n, 4 * n + 4))
+    L.append(_elementwise("aten: loss *= 1/denominator", 1, 12))
+    if low:
+        L.append(_elementwise("aten: dW fp32 -> input dtype", v * d, v * d * (4 + e)))
+    L.append(_elementwise("aten: dh *= grad", n * d, 2 * n * d * e + 4))
+    L.append(_elementwise("aten: dW *= grad", v * d, 2 * v * d * e + 4))
+    return L
+
+
 def triton_plan():
     """The Triton backend's plan module, or the reason it is not available."""
     try:
@@ -409,8 +494,21 @@ def roofline_ms(flops, nbytes, peak=PEAK_FLOPS, bw=HBM_BW):
     return max(flops / peak, nbytes / bw) * 1e3
 
 
-def build_report(shapes=SHAPES, dtype="bf16", sms=H100_SMS, backends=("cuda", "triton"), table_path=TABLE_PATH):
-    kernels, entries, notes = [], [], []
+def filtered_entry(shape, n, d, v, dtype, sms, kept):
+    """The cuda plan with gradient filtering at ``kept``, next to the dense plan's figures."""
+    s = shape_entry("cuda", shape, n, d, v, dtype, sms, cuda_filtered_launches(n, d, v, kept, dtype, sms))
+    dense = shape_entry("cuda", shape, n, d, v, dtype, sms, cuda_launches(n, d, v, dtype, sms))
+    s.update(kept=kept, kept_columns=max(1, min(v, math.ceil(kept * v))), dense_flops=dense["flops"],
+             dense_hbm_bytes=dense["hbm_bytes"], dense_atomic_bytes=dense["atomic_bytes"],
+             dense_roofline_ms=dense["roofline_ms"])
+    return s
+
+
+def build_report(shapes=SHAPES, dtype="bf16", sms=H100_SMS, backends=("cuda", "triton"), table_path=TABLE_PATH,
+                 kept=None, kept_source=None):
+    """The report; with ``kept`` (a fraction in (0, 1]) also the cuda plan with gradient filtering
+    at that kept fraction for every shape (``rep["filtered"]``)."""
+    kernels, entries, notes, filtered = [], [], [], []
     if "cuda" in backends:
         try:
             table = load_cuda_table(table_path)
@@ -426,6 +524,8 @@ def build_report(shapes=SHAPES, dtype="bf16", sms=H100_SMS, backends=("cuda", "t
                                                                     "spill_bytes", "shared_bytes")}})
         for name, n, d, v in shapes:
             entries.append(shape_entry("cuda", name, n, d, v, dtype, sms, cuda_launches(n, d, v, dtype, sms)))
+            if kept is not None:
+                filtered.append(filtered_entry(name, n, d, v, dtype, sms, kept))
     if "triton" in backends:
         plan, why = triton_plan()
         if plan is None:
@@ -439,7 +539,9 @@ def build_report(shapes=SHAPES, dtype="bf16", sms=H100_SMS, backends=("cuda", "t
                 launches = [_launch(x["kernel"], x["programs"], x["flops"], x["hbm_bytes"], x["atomic_bytes"])
                             for x in plan.launches(n, d, v, dtype, sms=sms)]
                 entries.append(shape_entry("triton", name, n, d, v, dtype, sms, launches))
-    return {"kernels": kernels, "shapes": entries, "notes": notes,
+    return {"kernels": kernels, "shapes": entries, "notes": notes, "filtered": filtered,
+            "kept": kept, "kept_source": kept_source if kept_source is not None else
+            (KEPT_SOURCE if kept == KEPT_DEFAULT else "given"),
             "peak": {"flops": PEAK_FLOPS, "hbm_bytes_per_s": HBM_BW, "device": "H100 SXM"}}
 
 
@@ -452,6 +554,12 @@ def to_json(rep):
                                          "roofline_ms")},
                     "launches": [{k: x[k] for k in ("kernel", "programs", "flops")} for x in s["launches"]]}
                    for s in rep["shapes"]],
+        # gradient filtering: the cuda plan at a kept fraction, beside the dense plan (empty without --kept)
+        "filtered": [{**{k: s[k] for k in ("backend", "shape", "sms", "kept", "kept_columns", "flops", "hbm_bytes",
+                                           "atomic_bytes", "roofline_ms", "dense_flops", "dense_hbm_bytes",
+                                           "dense_atomic_bytes", "dense_roofline_ms")},
+                      "launches": [{k: x[k] for k in ("kernel", "programs", "flops")} for x in s["launches"]]}
+                     for s in rep.get("filtered", [])],
     }
 
 
@@ -495,25 +603,62 @@ def format_text(rep):
                    f"roofline {s['roofline_ms']:.2f} ms "
                    f"({'compute' if f / PEAK_FLOPS >= (hb + ab) / HBM_BW else 'memory'}-bound; "
                    f"{f / PEAK_FLOPS * 1e3:.2f} ms of flops, {(hb + ab) / HBM_BW * 1e3:.2f} ms of bytes)")
-        serial = sum(roofline_ms(x["flops"], x["hbm_bytes"] + x["atomic_bytes"]) for x in s["launches"])
-        out.append(f"  launch by launch (each kernel at its own roofline, one after another): {serial:.2f} ms")
-        groups = {}
-        for x in s["launches"]:
-            g = groups.setdefault((x["kernel"], x["programs"]), [0, 0, 0, 0])
-            g[0] += 1
-            g[1] += x["flops"]
-            g[2] += x["hbm_bytes"]
-            g[3] += x["atomic_bytes"]
-        out.append(f"  {'launches':>8}  {'kernel':<48} {'programs':>9} {'/SMs':>7} {'TFLOP':>8} {'HBM GB':>9} "
-                   f"{'atomic GB':>9}")
-        for (kernel, programs), (count, fl, hbm, at) in groups.items():
-            flag = "  < SMs" if programs < s["sms"] and (fl > 1e9 or hbm + at > 1e8) else ""
-            out.append(f"  {count:>8}× {kernel[:48]:<48} {programs:>9} {programs / s['sms']:>7.2f} "
-                       f"{fl / 1e12:>8.3f} {_gb(hbm)} {_gb(at)}{flag}")
+        out += _launch_lines(s)
+    if rep.get("filtered"):
+        out.append("")
+        out.append(f"gradient filter (grad_filter=): each chunk keeps a fraction {rep['kept']:g} of the vocabulary "
+                   f"columns ({rep['kept_source']}); the logits GEMM and the row kernel stay dense, dh and dW run "
+                   "on the kept columns (gathered dz columns and W rows, index_add_ into the fp32 dW: atomics), "
+                   "as csrc/lce_driver.cpp runs them:")
+        for s in rep["filtered"]:
+            f, hb, ab = s["flops"], s["hbm_bytes"], s["atomic_bytes"]
+            df, dhb, dab = s["dense_flops"], s["dense_hbm_bytes"], s["dense_atomic_bytes"]
+            ndv6 = 6 * s["n"] * s["d"] * s["v"]
+            bound = "compute" if f / PEAK_FLOPS >= (hb + ab) / HBM_BW else "memory"
+            out.append("")
+            out.append(f"{s['backend']} · {s['shape']} filtered (N={s['n']}, D={s['d']}, V={s['v']}, {s['dtype']}, "
+                       f"kept {s['kept']:g}: {s['kept_columns']:,} columns per chunk): "
+                       f"{f / 1e12:.2f} TFLOP ({f / ndv6:.3f} × 6·N·D·V; dense {df / 1e12:.2f}), "
+                       f"HBM {hb / 1e9:.2f} GB (dense {dhb / 1e9:.2f}), atomics {ab / 1e9:.3f} GB (dense "
+                       f"{dab / 1e9:.3f}), roofline {s['roofline_ms']:.2f} ms ({bound}-bound) against dense "
+                       f"{s['dense_roofline_ms']:.2f} ms: {s['dense_roofline_ms'] / s['roofline_ms']:.2f}× faster")
+            out += _launch_lines(s)
     if rep["notes"]:
         out.append("")
         out += [f"note: {n}" for n in rep["notes"]]
     return "\n".join(out)
+
+
+def _launch_lines(s):
+    out = []
+    serial = sum(roofline_ms(x["flops"], x["hbm_bytes"] + x["atomic_bytes"]) for x in s["launches"])
+    out.append(f"  launch by launch (each kernel at its own roofline, one after another): {serial:.2f} ms")
+    groups = {}
+    for x in s["launches"]:
+        g = groups.setdefault((x["kernel"], x["programs"]), [0, 0, 0, 0])
+        g[0] += 1
+        g[1] += x["flops"]
+        g[2] += x["hbm_bytes"]
+        g[3] += x["atomic_bytes"]
+    out.append(f"  {'launches':>8}  {'kernel':<48} {'programs':>9} {'/SMs':>7} {'TFLOP':>8} {'HBM GB':>9} "
+               f"{'atomic GB':>9}")
+    for (kernel, programs), (count, fl, hbm, at) in groups.items():
+        flag = "  < SMs" if programs < s["sms"] and (fl > 1e9 or hbm + at > 1e8) else ""
+        out.append(f"  {count:>8}× {kernel[:48]:<48} {programs:>9} {programs / s['sms']:>7.2f} "
+                   f"{fl / 1e12:>8.3f} {_gb(hbm)} {_gb(at)}{flag}")
+    return out
+
+
+def _kept_arg(text):
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants a fraction in (0, 1] or 'none', got {text!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"wants a fraction in (0, 1] or 'none', got {text!r}")
+    return x
 
 
 def main(argv=None):
@@ -527,6 +672,10 @@ def main(argv=None):
     ap.add_argument("--shape", action="append", metavar="N,D,V",
                     help="a shape of your own instead of the three built in (repeatable)")
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    ap.add_argument("--kept", type=_kept_arg, default=KEPT_DEFAULT, metavar="FRACTION",
+                    help="gradient filtering: the cuda plan with each chunk keeping this fraction of the vocabulary "
+                         f"for dh and dW, beside the dense one ('none': leave it out; default {KEPT_DEFAULT:g}, "
+                         f"{KEPT_SOURCE})".replace("%", "%%"))
     args = ap.parse_args(argv)
     shapes = SHAPES
     if args.shape:
@@ -537,7 +686,7 @@ def main(argv=None):
             except ValueError:
                 ap.error(f"--shape wants N,D,V (three integers), got {s!r}")
             shapes.append((f"N={n},D={d},V={v}", n, d, v))
-    rep = build_report(shapes, args.dtype, args.sms, tuple(args.backend or ("cuda", "triton")))
+    rep = build_report(shapes, args.dtype, args.sms, tuple(args.backend or ("cuda", "triton")), kept=args.kept)
     if args.json:
         print(json.dumps(to_json(rep), indent=1))
     else:
