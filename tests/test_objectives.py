@@ -328,3 +328,27 @@ def test_errors_name_the_problem():
         tk.grpo_loss(h, w, y.clamp(min=0), adv.detach(), loss_type="vespo")
     with pytest.raises(TiedKernelsError, match="ref_log_probs"):
         tk.grpo_loss(h, w, y.clamp(min=0), adv.detach(), beta=0.1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_per_token_logit_scale_in_linear_cross_entropy_and_logits(reduction):
+    h, w, b, y, g = _data(bias=True)
+    s = torch.rand(3, 1, generator=g, dtype=F64) + 0.5  # one scale per sample
+    for return_lse in (False, True):
+        out = tk.linear_cross_entropy(h, w, y, bias=b, logit_scale=s, softcap=4.0, reduction=reduction, shift=True,
+                                      return_lse=return_lse)
+        z = final_logits(h, w, b, s.expand(3, 11), 4.0)[:, :-1]
+        ref = torch.nn.functional.cross_entropy(z.reshape(-1, 123), y[:, 1:].reshape(-1), reduction=reduction)
+        ref = ref.view(3, 10) if reduction == "none" else ref
+        loss = out[0] if return_lse else out
+        torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+        total = loss.sum() + (out[1].sum() * 0.3 if return_lse else 0)
+        want = ref.sum() + (torch.logsumexp(z, -1).sum() * 0.3 if return_lse else 0)
+        for a, r in zip(torch.autograd.grad(total, (h, w, b)), torch.autograd.grad(want, (h, w, b))):
+            torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13)
+    lg = tk.logits(h, w, bias=b, logit_scale=s, softcap=4.0)
+    torch.testing.assert_close(lg, final_logits(h, w, b, s.expand(3, 11), 4.0), rtol=1e-13, atol=1e-13)
+    with pytest.raises(NotImplementedError, match="label_smoothing"):
+        tk.linear_cross_entropy(h, w, y, logit_scale=s, label_smoothing=0.1)
+    with pytest.raises(TiedKernelsError, match="does not broadcast"):
+        tk.logits(h, w, logit_scale=torch.ones(4, 1, dtype=F64))

@@ -147,6 +147,8 @@ def logits(hidden, weight, *, bias=None, logit_scale=1.0, softcap=None, backend=
     check_hidden(hidden, weight)
     check_bias(bias, weight)
     cap = _softcap_value(softcap)
+    if per_token_scale(logit_scale):
+        return _logits_per_token_scale(hidden, weight, bias, logit_scale, cap, backend)
     scale = _logit_scale_value(logit_scale)
     b = backends.resolve(backend, weight.device)
     hidden2, weight2 = _nonempty_dim(hidden, weight)
@@ -175,6 +177,30 @@ def _real(x, name):
     if isinstance(x, bool) or not isinstance(x, numbers.Real):
         raise TypeError(f"tiedkernels: {name} must be a real number, got {type(x).__name__}")
     return float(x)
+
+
+def per_token_scale(logit_scale):
+    """Whether ``logit_scale`` is a tensor of one scale per token (more than one element)."""
+    return isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1
+
+
+def _logits_per_token_scale(hidden, weight, bias, logit_scale, cap, backend):
+    """``logits`` with a ``[*]`` logit scale (broadcast to ``hidden.shape[:-1]``): the unscaled projection
+    of the op, then the scale and the cap in the statistics dtype (no gradient to the scale)."""
+    check_device(logit_scale, "logit_scale", weight)
+    if logit_scale.requires_grad:
+        raise NotImplementedError("tiedkernels: a per-token logit_scale gets no gradient; pass logit_scale.detach()")
+    try:
+        s = torch.broadcast_to(logit_scale, hidden.shape[:-1])
+    except RuntimeError:
+        raise TiedKernelsError(f"tiedkernels: logit_scale has shape {tuple(logit_scale.shape)}, which does not "
+                               f"broadcast to the tokens of hidden {tuple(hidden.shape[:-1])}")
+    raw = logits(hidden, weight, bias=bias, backend=backend)
+    sdt = torch.float64 if raw.dtype == torch.float64 else torch.float32
+    z = raw.to(sdt) * s.to(sdt)[..., None]
+    if cap > 0:
+        z = torch.tanh(z / cap) * cap
+    return z.to(raw.dtype)
 
 
 def _logit_scale_value(logit_scale):
@@ -432,6 +458,12 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
                        num_items_in_batch=num_items_in_batch, shift=shift)
     check_classes(weight)
     check_class_weight(class_weight, weight)
+    if per_token_scale(logit_scale):
+        return _loss_per_token_scale(hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                     logit_scale=logit_scale, num_items_in_batch=num_items_in_batch, shift=shift,
+                                     return_lse=return_lse, chunk_size=chunk_size, backend=backend,
+                                     class_weight=class_weight, return_stats=return_stats, grad_filter=grad_filter)
     cap = _softcap_value(softcap)
     lscale = _logit_scale_value(logit_scale)
     gfilter = grad_filter_value(grad_filter, hidden.dtype)
@@ -475,3 +507,35 @@ def linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100
         return loss_stats(loss, lse, out[5], out[6], lab, labels.shape, reduction, denom, shift, ignore_index,
                           float(z_loss), class_weight)
     return finish(loss, lse, labels.shape, shift, return_lse)
+
+
+def _loss_per_token_scale(hidden, weight, labels, *, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                          logit_scale, num_items_in_batch, shift, return_lse, chunk_size, backend, class_weight,
+                          return_stats, grad_filter):
+    """``linear_cross_entropy`` with a logit scale per token (``[*]``, broadcast to the labels' shape; one per
+    sample: ``[B, 1]``): the cross-entropy as the token-level objective ``-log p(label)`` of
+    ``tiedkernels.objectives`` (the same chunked pass, gradients in the forward for ``sum``/``mean``)."""
+    from . import objectives
+
+    unsupported = [name for name, on in (("label_smoothing", float(label_smoothing) != 0.0),
+                                         ("z_loss", float(z_loss) != 0.0), ("class_weight", class_weight is not None),
+                                         ("return_stats", bool(return_stats)), ("grad_filter", grad_filter is not None))
+                   if on]
+    if unsupported:
+        raise NotImplementedError(f"tiedkernels: a per-token logit_scale does not combine with {', '.join(unsupported)} "
+                                  "yet; pass a scalar logit_scale, or scale the hidden states per token yourself")
+    opts = dict(bias=bias, logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, shift=shift,
+                chunk_size=chunk_size, backend=backend)
+    if not return_lse:
+        return objectives.linear_token_objective(hidden, weight, labels, None, reduction=reduction,
+                                                 num_items_in_batch=num_items_in_batch, **opts)
+    # the lse differentiable too: the recompute path
+    res = objectives.token_log_probs(hidden, weight, labels, **opts)
+    tok = -res.log_probs
+    if reduction == "none":
+        return tok, res.lse
+    lab = shift_labels(labels, ignore_index)[..., :-1] if shift else labels
+    sdt = tok.dtype
+    denom = loss_denominator(lab.reshape(-1), reduction, ignore_index, num_items_in_batch, sdt)
+    loss = tok.sum()
+    return (loss / denom if denom is not None else loss), res.lse
