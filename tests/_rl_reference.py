@@ -26,7 +26,9 @@ def token_stats(z, labels, ignore_index=-100):
     lp = ls.gather(-1, torch.where(keep, labels, 0)[..., None]).squeeze(-1)
     lp = torch.where(keep, lp, torch.zeros_like(lp))
     p = ls.exp()
-    ent = -(torch.where(p == 0, torch.zeros_like(p), p * ls)).sum(-1)
+    # an entry of probability 0 (a -inf logit) adds 0, and so does its gradient (clamp, not where: the
+    # gradient of p * -inf through a where would be 0 * inf)
+    ent = -(p * ls.clamp(min=torch.finfo(ls.dtype).min)).sum(-1)
     return lp, ent, torch.logsumexp(z, -1)
 
 

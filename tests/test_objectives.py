@@ -352,3 +352,25 @@ def test_per_token_logit_scale_in_linear_cross_entropy_and_logits(reduction):
         tk.linear_cross_entropy(h, w, y, logit_scale=s, label_smoothing=0.1)
     with pytest.raises(TiedKernelsError, match="does not broadcast"):
         tk.logits(h, w, logit_scale=torch.ones(4, 1, dtype=F64))
+
+
+def test_minus_inf_logits_give_pytorchs_finite_values():
+    """A vocabulary entry masked with a -inf bias: probability 0, never 0 · inf in the entropy or its gradient."""
+    h, w, b, y, g = _data(bias=True)
+    bias = b.detach().clone()
+    bias[[3, 50, 77]] = float("-inf")
+    y = torch.where(torch.isin(y, torch.tensor([3, 50, 77])), 4, y)
+    bias.requires_grad_()
+    adv, old = torch.randn(3, 11, generator=g, dtype=F64), torch.full((3, 11), -5.0, dtype=F64)
+    res = tk.token_log_probs(h, w, y, bias=bias)
+    out = O.linear_token_objective(h, w, y, _policy, consts={"adv": adv, "old": old}, bias=bias, chunk_size=5)
+    ref = _reference(h, w, bias, y, {"adv": adv, "old": old})
+    lp, ent, lse = token_stats(final_logits(h, w, bias), y)
+    for got, want in zip(res, (lp, ent, lse)):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for a, r in zip(torch.autograd.grad(out, (h, w, bias)), torch.autograd.grad(ref, (h, w, bias))):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13)
+    (gh,) = torch.autograd.grad((res.entropy * 0.5 + res.log_probs).sum(), h)
+    assert torch.isfinite(gh).all()

@@ -148,7 +148,11 @@ def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
     """One pass over the row chunks: per-token (logp, H, lse) [N] each, and argmax [N] when ``want_pred``
     (else None). With ``coef_fn(start, rows, logp, H, lse) -> (a, b, c)`` the chunk's gradients go into
     ``grads`` in the same pass. ``logp`` is 0 at ignored tokens (``keep`` False); a row holding +inf has
-    a NaN ``logp`` (PyTorch's log_softmax there), while its ``lse`` is +inf."""
+    a NaN ``logp`` (PyTorch's log_softmax there), while its ``lse`` is +inf.
+
+    Two ``[C, V]`` buffers per chunk, worked in place: the logits ``z`` and ``p = softmax(z)``, which
+    becomes ``dL/dz``. A ``-inf`` logit is raised to the dtype's lowest finite value once the label's logit
+    is read: its probability is 0 either way, and every product with it is then 0 rather than 0 · inf."""
     n = y.shape[0]
     sdt = lg.sdt
     dev = lg.hidden.device
@@ -157,22 +161,46 @@ def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
     lse = torch.empty((n,), dtype=sdt, device=dev)
     pred = torch.empty((n if want_pred else 0,), dtype=torch.long, device=dev)
     zero = torch.zeros((), dtype=sdt, device=dev)
+    lowest = torch.finfo(sdt).min
     for start in range(0, n, chunk):
         rows = min(chunk, n - start)
         yc, kc = y[start:start + rows], keep[start:start + rows]
         z, t = lg.chunk(start, rows)
-        p, l, s = softmax_stats(z)
-        lp = torch.where(kc, label_logits(z, yc, kc) - _tb.cross_entropy_lse(l), zero)
-        h = l - s
-        logp[start:start + rows], ent[start:start + rows], lse[start:start + rows] = lp, h, l
         if want_pred:
             pred[start:start + rows] = torch.argmax(z, dim=1) if z.shape[1] else 0
+        l = torch.logsumexp(z, dim=1)
+        lp = torch.where(kc, label_logits(z, yc, kc) - _tb.cross_entropy_lse(l), zero)
+        z.clamp_(min=lowest)
+        p = torch.sub(z, l[:, None]).exp_()
+        s = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(rows) if rows else l.new_zeros((0,))
+        logp[start:start + rows], ent[start:start + rows], lse[start:start + rows] = lp, l - s, l
         if coef_fn is None:
             continue
-        a, b, c = coef_fn(start, rows, lp, h, l)
+        a, b, c = coef_fn(start, rows, lp, l - s, l)
         if a is None and b is None and c is None:
             continue
-        dz = logits_grad(z, p, s, yc, kc, a, b, c)
-        del p
-        grads.add(lg.chain(dz, t, start, rows), start, rows)
+        grads.add(lg.chain(_grad_in_place(z, p, s, yc, kc, a, b, c), t, start, rows), start, rows)
     return logp, ent, lse, (pred if want_pred else None)
+
+
+def _grad_in_place(z, p, s, y, keep, a, b, c):
+    """dL/dz of one chunk into ``p``'s buffer (``z`` is overwritten too):
+    dz = p ⊙ (c - a - b (z - S)) + a · onehot(y)."""
+    coef = None
+    if a is not None:
+        coef = -a
+    if c is not None:
+        coef = c if coef is None else coef + c
+    if b is not None:
+        factor = z.sub_(s[:, None]).mul_(-b[:, None])
+        if coef is not None:
+            factor.add_(coef[:, None])
+        p.mul_(factor)
+    elif coef is not None:
+        p.mul_(coef[:, None])
+    else:
+        p.zero_()
+    if a is not None and p.shape[1] > 0:
+        safe = torch.where(keep, y, torch.zeros_like(y))
+        p.scatter_add_(1, safe[:, None], torch.where(keep, a, torch.zeros_like(a))[:, None])
+    return p
