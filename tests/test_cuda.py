@@ -713,3 +713,67 @@ def test_embedding_backward_long_runs(backend, d, dtype):
             acc += g2[q].float()
         assert torch.equal(out[row], acc.to(dtype)), f"row {row}: not the in-order fp32 sum rounded once"
     assert_close(out, expect, lowp, dtype=dtype, name=f"embedding_bwd long runs ({backend}, D={d})")
+
+
+@pytest.mark.parametrize("dtype", LOWP, ids=LOWP_IDS)
+def test_token_objectives_and_distillation(backend, dtype):
+    """token_log_probs, linear_token_objective, grpo_loss and linear_distillation_loss on CUDA tensors (the
+    chunked plain-PyTorch pass: cuBLAS GEMMs, the fp32-output dW GEMM for bf16) against fp64 on the CPU."""
+    from _rl_reference import final_logits, jsd, token_stats
+
+    g = torch.Generator().manual_seed(0)
+    b_, t_, d, v = 4, 37, 64, 1000
+    h = torch.randn(b_, t_, d, generator=g, dtype=F64)
+    w = torch.randn(v, d, generator=g, dtype=F64) * 0.2
+    ht, wt = torch.randn(b_, t_, 48, generator=g, dtype=F64), torch.randn(v, 48, generator=g, dtype=F64) * 0.2
+    y = torch.randint(0, v, (b_, t_), generator=g)
+    mask = (torch.rand(b_, t_, generator=g) > 0.2).to(F64)
+    adv = torch.randn(b_, generator=g, dtype=F64)
+    temp = torch.rand(b_, 1, generator=g, dtype=F64) + 0.5
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+
+    def on_gpu(*xs):
+        return [x.to("cuda", dtype).requires_grad_() for x in xs]
+
+    def check(got, want, name):
+        got, want = got.double().cpu(), want.double()
+        err = (got - want).abs().max() / want.abs().max().clamp(min=1e-30)
+        assert err < tol, (name, float(err))
+
+    hg, wg = on_gpu(h, w)
+    res = tk.token_log_probs(hg, wg, y.cuda(), temperature=temp.cuda(), chunk_size=64, backend=backend)
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    ref = token_stats(final_logits(h64, w64, None, 1.0, None, temp.expand(b_, t_)), y)
+    ups = [torch.randn(b_, t_, generator=g, dtype=F64) for _ in range(3)]
+    for i, name in enumerate(("log_probs", "entropy", "lse")):
+        check(res[i].detach(), ref[i].detach(), name)
+    mine = torch.autograd.grad(sum((r * u.cuda()).sum() for r, u in zip(res, ups)), (hg, wg))
+    want = torch.autograd.grad(sum((r * u).sum() for r, u in zip(ref, ups)), (h64, w64))
+    for a, r, name in zip(mine, want, ("dh", "dW")):
+        assert a.dtype == dtype
+        check(a, r, "token_log_probs " + name)
+
+    hg, wg = on_gpu(h, w)
+    out = tk.grpo_loss(hg, wg, y.cuda(), adv.cuda(), completion_mask=mask.cuda(), loss_type="grpo",
+                       entropy_coef=0.01, chunk_size=64, backend=backend)
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    from _rl_reference import trl_grpo_loss
+
+    lp, ent, _ = token_stats(final_logits(h64, w64), torch.where(mask.bool(), y, -100))
+    rl, _ = trl_grpo_loss(lp, ent, mask, adv, loss_type="grpo", entropy_coef=0.01)
+    check(out.loss.detach(), rl.detach(), "grpo loss")
+    for a, r, name in zip(torch.autograd.grad(out.loss, (hg, wg)), torch.autograd.grad(rl, (h64, w64)), ("dh", "dW")):
+        check(a, r, "grpo " + name)
+
+    hg, wg = on_gpu(h, w)
+    out = tk.linear_distillation_loss(hg, wg, y.cuda(), teacher_hidden=ht.to("cuda", dtype),
+                                      teacher_weight=wt.to("cuda", dtype), beta=0.3, temperature=0.8, alpha=0.2,
+                                      chunk_size=64, backend=backend)
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    zs = final_logits(h64, w64).reshape(-1, v)
+    d = jsd(zs / 0.8, (ht @ wt.T).reshape(-1, v) / 0.8, 0.3)
+    ce = F.cross_entropy(zs, y.reshape(-1), reduction="none")
+    rd = (0.8 * d + 0.2 * ce).mean()
+    check(out.detach(), rd.detach(), "distill loss")
+    for a, r, name in zip(torch.autograd.grad(out, (hg, wg)), torch.autograd.grad(rd, (h64, w64)), ("dh", "dW")):
+        check(a, r, "distill " + name)
