@@ -163,7 +163,8 @@ def prepare(hidden, weight, labels, *, bias=None, logit_scale=1.0, temperature=N
         h2 = torch.where(bad.unsqueeze(1), float("nan"), h2)
         y = torch.where(bad, ignore_index, y)
     keep = y != ignore_index
-    chunk = tkf.chunk_rows(n, weight.shape[0], chunk_size, d=d, itemsize=hidden.element_size())
+    # the pass holds its chunk's logits in the statistics dtype (fp32 for bf16/fp16): size the chunk by it
+    chunk = tkf.chunk_rows(n, weight.shape[0], chunk_size, d=d, itemsize=max(4, hidden.element_size()))
     lg = _token_pass.Logits(h2, weight, bias, scale, cap, row_scale, inv_temp)
     return _Call(h2, weight, bias, y, keep, lg, chunk, _out_shape(labels, shift), shift, pending,
                  int(ignore_index), sdt)
