@@ -1,5 +1,7 @@
 #include "lce_driver.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/Utils.h>
 
@@ -8,6 +10,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -50,13 +53,38 @@ constexpr int64_t kFilterTestBytes = 8LL << 20;
 // The vocabulary columns of the chunk's dz [rows, V] to keep: some row i has |dz_ij| > thr_i (or a
 // NaN there), thr 0-dim or [rows] (sdt).  A bool [V] mask.
 at::Tensor filter_keep(const at::Tensor& dz, const at::Tensor& thr) {
+  const int64_t rows = dz.size(0), v = dz.size(1);
+  if (dz.is_cpu() && dz.stride(1) == 1) {
+    // One pass over the chunk, columns split over the threads (ATen's reductions over dim 0 and
+    // comparisons with a per-row threshold are several times slower here).
+    auto keep = at::zeros({v}, dz.options().dtype(at::kBool));
+    const auto th = thr.dim() == 0 ? thr.expand({rows}).contiguous() : thr.contiguous();
+    bool* k = keep.data_ptr<bool>();
+    const int64_t ld = dz.stride(0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dz.scalar_type(), "filter_keep", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto th_acc = th.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+      const acc_t* tp = th_acc.data_ptr<acc_t>();
+      const scalar_t* p = dz.data_ptr<scalar_t>();
+      at::parallel_for(0, v, 4096, [&](int64_t j0, int64_t j1) {
+        for (int64_t i = 0; i < rows; ++i) {
+          const acc_t t = tp[i];
+          const scalar_t* row = p + i * ld;
+          for (int64_t j = j0; j < j1; ++j) {
+            const acc_t a = std::abs(static_cast<acc_t>(row[j]));
+            k[j] = k[j] | !(a <= t);  // a NaN (or a NaN threshold) keeps the column
+          }
+        }
+      });
+    });
+    return keep;
+  }
   if (thr.dim() == 0) {
     // max_i dz_ij <= thr and min_i dz_ij >= -thr for a skipped column (a NaN fails both: kept)
     auto mm = at::aminmax(dz, 0);
     const auto lo = std::get<0>(mm).to(thr.scalar_type()), hi = std::get<1>(mm).to(thr.scalar_type());
     return at::logical_not(at::logical_and(hi <= thr, lo >= -thr));
   }
-  const int64_t rows = dz.size(0), v = dz.size(1);
   const int64_t step = std::max<int64_t>(1, kFilterTestBytes / std::max<int64_t>(1, v * dz.element_size()));
   at::Tensor skip;
   for (int64_t r0 = 0; r0 < rows; r0 += step) {
@@ -65,6 +93,67 @@ at::Tensor filter_keep(const at::Tensor& dz, const at::Tensor& thr) {
     skip = skip.defined() ? skip.logical_and_(s) : s;
   }
   return skip.defined() ? at::logical_not(skip) : at::ones({v}, dz.options().dtype(at::kBool));
+}
+
+// z[:, idx] as a contiguous [rows, k] tensor (the CPU: rows split over the threads; index_select
+// along dim 1 is slow there for bf16).
+at::Tensor gather_columns(const at::Tensor& z, const at::Tensor& idx) {
+  if (!z.is_cpu() || z.stride(1) != 1) return z.index_select(1, idx);
+  const int64_t rows = z.size(0), k = idx.size(0), ld = z.stride(0);
+  auto out = at::empty({rows, k}, z.options());
+  const auto ic = idx.contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "gather_columns", [&] {
+    const scalar_t* src = z.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0; i < r1; ++i) {
+        const scalar_t* a = src + i * ld;
+        scalar_t* b = dst + i * k;
+        for (int64_t c = 0; c < k; ++c) b[c] = a[ip[c]];
+      }
+    });
+  });
+  return out;
+}
+
+// w[idx] as a contiguous [k, D] tensor (the CPU: a copy per row, rows split over the threads).
+at::Tensor gather_rows(const at::Tensor& w, const at::Tensor& idx) {
+  if (!w.is_cpu() || !w.is_contiguous()) return w.index_select(0, idx);
+  const int64_t k = idx.size(0), d = w.size(1);
+  auto out = at::empty({k, d}, w.options());
+  const auto ic = idx.contiguous();
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  const auto* src = static_cast<const char*>(w.data_ptr());
+  auto* dst = static_cast<char*>(out.data_ptr());
+  const int64_t bytes = d * w.element_size();
+  at::parallel_for(0, k, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, bytes)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * bytes, src + ip[r] * bytes, bytes);
+  });
+  return out;
+}
+
+// acc[idx[r]] += part[r] for the distinct rows idx (the CPU: rows split over the threads; index_add_
+// goes through a scatter there that is several times slower than the dW GEMM it follows).
+void add_rows(const at::Tensor& acc, const at::Tensor& idx, const at::Tensor& part) {
+  if (!acc.is_cpu() || !acc.is_contiguous() || part.scalar_type() != acc.scalar_type()) {
+    acc.index_add_(0, idx, part);
+    return;
+  }
+  const auto pc = part.contiguous(), ic = idx.contiguous();
+  const int64_t k = idx.size(0), d = acc.size(1);
+  const int64_t* ip = ic.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(acc.scalar_type(), "add_rows", [&] {
+    scalar_t* a = acc.data_ptr<scalar_t>();
+    const scalar_t* p = pc.data_ptr<scalar_t>();
+    at::parallel_for(0, k, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, d)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* dst = a + ip[r] * d;
+        const scalar_t* src = p + r * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] += src[j];
+      }
+    });
+  });
 }
 
 }  // namespace
@@ -370,9 +459,9 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
         for (int64_t k0 = 0; k0 < kept; k0 += tile) {
           const int64_t kt = std::min(tile, kept - k0);
           const auto it = idx.narrow(0, k0, kt);
-          const auto zk = z.index_select(1, it);  // [rows, kt]
+          const auto zk = gather_columns(z, it);  // [rows, kt]
           if (want_dh) {
-            const auto wk = w.index_select(0, it);  // [kt, d]
+            const auto wk = gather_rows(w, it);  // [kt, d]
             auto dhc = r.dh.narrow(0, start, rows);
             if (dh32.defined()) {
               if (h.is_cpu()) {
@@ -405,7 +494,7 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
             } else {
               part = at::mm(zk.t(), hc).to(sdt);
             }
-            dw_acc.index_add_(0, it, part);
+            add_rows(dw_acc, it, part);
           }
         }
         if (dh32.defined()) r.dh.narrow(0, start, rows).copy_(dh32);
