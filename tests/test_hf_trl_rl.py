@@ -78,6 +78,15 @@ def _compare(stock, patched, rtol, atol=1e-7):
             assert b[k] == pytest.approx(a[k], rel=rtol, abs=atol), (k, a[k], b[k])
 
 
+def _stock_then_patched(run, tmp_path, spies, key):
+    """Both runs' logs; the fused function is called in the patched run only."""
+    stock = run(False, tmp_path / "stock")
+    assert spies[key] == 0
+    patched = run(True, tmp_path / "patched")
+    assert spies[key] > 0
+    return stock, patched
+
+
 def _common(out):
     return dict(output_dir=str(out), learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, seed=0,
                 save_strategy="no", bf16=False, dataloader_num_workers=0)
@@ -104,10 +113,7 @@ def test_grpo_trainer_logs_what_stock_logs(tmp_path, spies):
         tr.train()
         return _logged(tr)
 
-    stock = run(False, tmp_path / "stock")
-    assert spies["token_log_probs"] == 0
-    patched = run(True, tmp_path / "patched")
-    assert spies["token_log_probs"] > 0
+    stock, patched = _stock_then_patched(run, tmp_path, spies, "token_log_probs")
     assert {"loss", "entropy", "kl", "clip_ratio/region_mean", "grad_norm"} <= set(stock[1])
     _compare(stock, patched, rtol=2e-5)
 
@@ -128,10 +134,7 @@ def test_distillation_trainer_logs_what_stock_logs(tmp_path, spies):
         tr.train()
         return _logged(tr)
 
-    stock = run(False, tmp_path / "stock")
-    assert spies["distillation"] == 0
-    patched = run(True, tmp_path / "patched")
-    assert spies["distillation"] > 0
+    stock, patched = _stock_then_patched(run, tmp_path, spies, "distillation")
     assert {"loss", "entropy", "grad_norm"} <= set(stock[0])
     # TRL's divergence kernel sums in fp32: a JSD of ~0.02 from terms of the size of the entropy (~4)
     # and the steps after the first start from weights that moved by those differences
@@ -153,10 +156,8 @@ def test_gkd_trainer_logs_what_stock_logs(tmp_path, spies):
         tr.train()
         return _logged(tr)
 
-    stock = run(False, tmp_path / "stock")
-    assert spies["distillation"] == 0
-    patched = run(True, tmp_path / "patched")
-    assert spies["distillation"] == 3
+    stock, patched = _stock_then_patched(run, tmp_path, spies, "distillation")
+    assert spies["distillation"] == 3  # one fused loss per step
     assert stock[0]["loss"] > 0
     _compare(stock, patched, rtol=1e-10)  # both fp64 from end to end
 

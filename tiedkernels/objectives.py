@@ -342,14 +342,8 @@ class _Evaluator:
         with torch.enable_grad():
             lpv = lp.detach().requires_grad_(need_grad)
             hv = h.detach().requires_grad_(need_grad)
-            val = self.objective(lpv, hv, **{k: c[sl] for k, c in self.consts.items()})
-            if not isinstance(val, torch.Tensor) or val.shape != lp.shape:
-                got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
-                raise TiedKernelsError(f"tiedkernels: the objective must return one value per token (shape "
-                                       f"{tuple(lp.shape)} for this chunk), got {got}")
-            if not val.is_floating_point():
-                raise TiedKernelsError(f"tiedkernels: the objective must return floating values, got {val.dtype}")
-            val = val.to(self.sdt)
+            val = _checked(self.objective(lpv, hv, **{k: c[sl] for k, c in self.consts.items()}), lp,
+                           " for this chunk").to(self.sdt)
             if val.device.type == "cpu" and not torch.compiler.is_compiling():
                 made = kc & ~torch.isfinite(val) & torch.isfinite(lp) & torch.isfinite(h)
                 if bool(made.any()):
@@ -489,15 +483,20 @@ def _neg_log_probs(log_probs, entropy):
     return -log_probs
 
 
-def _apply(obj, logp, ent, cs, w, call):
-    """The objective on the whole batch (differentiable), 0 at ignored tokens, times the weights."""
-    val = obj(logp, ent, **cs)
-    if not isinstance(val, torch.Tensor) or val.shape != logp.shape:
+def _checked(val, like, where=""):
+    """The objective's output: one floating value per token, else a clear error."""
+    if not isinstance(val, torch.Tensor) or val.shape != like.shape:
         got = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
         raise TiedKernelsError(f"tiedkernels: the objective must return one value per token (shape "
-                               f"{tuple(logp.shape)}), got {got}")
+                               f"{tuple(like.shape)}{where}), got {got}")
     if not val.is_floating_point():
         raise TiedKernelsError(f"tiedkernels: the objective must return floating values, got {val.dtype}")
+    return val
+
+
+def _apply(obj, logp, ent, cs, w, call):
+    """The objective on the whole batch (differentiable), 0 at ignored tokens, times the weights."""
+    val = _checked(obj(logp, ent, **cs), logp)
     val = torch.where(call.keep, val.to(call.sdt), torch.zeros((), dtype=call.sdt, device=val.device))
     return val * w if w is not None else val
 
