@@ -167,3 +167,27 @@ def test_full_workload_and_the_cost_models_default():
     t = W.kept_table(G.KEPT_WORKLOAD["split"], chunks=(G.KEPT_WORKLOAD["chunk_rows"],), n_rows=8192, log=None)
     (r,) = [r for r in t["rows"] if r["threshold"] == G.KEPT_WORKLOAD["threshold"]]
     assert abs(r["kept_fraction"] - G.KEPT_DEFAULT) < 5e-4, (r, G.KEPT_DEFAULT)
+
+
+def test_grad_filter_curve_script_runs(tmp_path):
+    """benchmarks/grad_filter_curve.py end to end on two steps: the figures it writes, and the run that
+    turns the filter on at step 1 identical to the exact run until then."""
+    import json
+
+    from benchmarks import grad_filter_curve as C
+
+    if not C.patch_supports_filter():
+        pytest.fail("tiedkernels.hf.patch has no grad_filter option")
+    assert C.main(["--steps", "2", "--grad-filter", "2^-8", "--filter-from", "0", "--filter-from", "1",
+                   "--probe-every", "1", "--threads", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "grad_filter_curve.json").read_text())
+    assert (tmp_path / "grad_filter_curve.png").stat().st_size > 10_000
+    assert not res["stand_in"] and [r["label"] for r in res["runs"]] == \
+        ["exact", "grad_filter=2^-8", "grad_filter=2^-8 from step 1"]
+    exact = res["runs"][0]["losses"]
+    for s, r in zip(res["summary"], res["runs"][1:]):
+        assert s["identical_until_filter_on"] and r["losses"][0] == exact[0]  # the loss itself is exact
+        assert s["max_abs_diff"] == max(abs(a - b) for a, b in zip(r["losses"], exact))
+        assert 0 < s["kept_fraction_last"] <= 1 and s["threshold_value"] == 2.0 ** -8
+    with pytest.raises(SystemExit):
+        C.main(["--filter-from", "5", "--steps", "2"])
