@@ -255,7 +255,7 @@ def test_filter_tile_matches_the_driver():
     assert re.search(r"const int64_t tile = std::max<int64_t>\(1, kFilterTileBytes / std::max<int64_t>\(1, d \* 4\)\);",
                      driver)
     # on CUDA: index_select of the dz columns and W rows, the fp32 dh and dW parts, index_add_ into dW
-    for frag in (r"z\.index_select\(1, (it|idx)\)", r"w\.index_select\(0, it\)",
+    for frag in (r"z\.index_select\(1, (it|idx)\)", r"w\.index_select\(0, (it|idx)\)",
                  r"at::addmm_out\(dh32, dh32, zk, wk, sdt\)", r"at::mm_out\(part, zk\.t\(\), hc, sdt\)",
                  r"\.index_add_\(0, (it|idx), part\)"):
         assert re.search(frag, driver), frag
