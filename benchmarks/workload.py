@@ -278,21 +278,33 @@ def grad_logits(hidden, weight, labels):
     return p
 
 
-def kept_columns(dz, chunk, threshold, tile=1):
-    """Per chunk of ``chunk`` rows: the number of vocabulary columns j that ``grad_filter=threshold``
-    keeps, those with |dz_ij| > threshold for some row i of the chunk (``dz`` in units of the row's
-    gradient scale, as ``grad_logits`` gives it); ``tile`` > 1: whole tiles of that many consecutive
-    columns, a tile kept if any of its columns is."""
-    out = []
+def kept_masks(dz, chunk, threshold, tile=1):
+    """Per chunk of ``chunk`` rows: (start row, the [V] bool mask of the vocabulary columns that
+    ``grad_filter=threshold`` keeps: |dz_ij| > threshold for some row i of the chunk, ``dz`` in units of
+    the row's gradient scale as ``grad_logits`` gives it).  ``tile`` > 1: whole tiles of that many
+    consecutive columns, a tile kept if any of its columns is (the last tile may be partial)."""
     for s in range(0, dz.shape[0], chunk):
         col = dz[s:s + chunk].abs().amax(dim=0) > threshold
         if tile > 1:
             pad = (-col.numel()) % tile
             kept = torch.nn.functional.pad(col, (0, pad)).view(-1, tile).any(dim=1)
-            out.append(int(kept.repeat_interleave(tile)[:col.numel()].sum()))  # the last tile may be partial
-        else:
-            out.append(int(col.sum()))
-    return out
+            col = kept.repeat_interleave(tile)[:col.numel()]
+        yield s, col
+
+
+def kept_columns(dz, chunk, threshold, tile=1):
+    """Per chunk of ``chunk`` rows: the number of vocabulary columns ``grad_filter=threshold`` keeps."""
+    return [int(col.sum()) for _, col in kept_masks(dz, chunk, threshold, tile)]
+
+
+def dropped_mass(dz, chunk, threshold, tile=1):
+    """The mean over rows of Σ_j |dz_ij| over the columns the row's chunk leaves out: how much of a row's
+    gradient (in units of its scale; at most 2) the filter drops.  It bounds the error of the row's
+    ``dh`` (at most that times max_j |W_jk| per element)."""
+    tot = 0.0
+    for s, col in kept_masks(dz, chunk, threshold, tile):
+        tot += dz[s:s + chunk][:, ~col].abs().sum().item()
+    return tot / dz.shape[0]
 
 
 # grad_filter thresholds, in units of each row's gradient scale (for a mean loss: |dz_ij| * n_tokens,
@@ -323,7 +335,7 @@ def kept_table(split="mid", chunks=CHUNK_ROWS, n_rows=4096, sort_vocab=False, ti
             per = kept_columns(dz, c, t, tile)
             mean = sum(per) / len(per)
             rows.append({"threshold": name, "threshold_value": t, "chunk_rows": c, "chunks": len(per),
-                         "kept_per_row": per_row,
+                         "kept_per_row": per_row, "dropped_mass_per_row": dropped_mass(dz, c, t, tile),
                          "kept_mean": mean, "kept_max": max(per), "kept_fraction": mean / V,
                          "kept_fraction_of_used": min(1.0, mean / used),
                          "kept_fraction_at_report_v": {str(v): mean / v for _, _, v in REPORT_SHAPES}})
@@ -366,10 +378,11 @@ def format_table(t):
            + ("; frequency-sorted vocabulary" if t["sort_vocab"] else "")]
     vs = [str(v) for _, _, v in REPORT_SHAPES]
     out.append(f"  {'threshold':<16} {'rows/chunk':>10} {'chunks':>6} {'kept (mean)':>11} {'max':>6} "
-               f"{'of V':>7} {'of used':>10} {'per row':>7} " + " ".join(f"{'of ' + v:>9}" for v in vs))
+               f"{'of V':>7} {'of used':>10} {'per row':>7} {'dropped':>8} " + " ".join(f"{'of ' + v:>9}" for v in vs))
     for r in t["rows"]:
         out.append(f"  {r['threshold']:<16} {r['chunk_rows']:>10} {r['chunks']:>6} {r['kept_mean']:>11.1f} "
                    f"{r['kept_max']:>6} {100 * r['kept_fraction']:>6.2f}% {100 * r['kept_fraction_of_used']:>9.2f}% {r['kept_per_row']:>7.1f} "
+                   f"{r['dropped_mass_per_row']:>8.1e} "
                    + " ".join(f"{100 * r['kept_fraction_at_report_v'][v]:>8.2f}%" for v in vs))
     return "\n".join(out)
 

@@ -150,8 +150,15 @@ def test_kept_table_tiny(cache):
         small, big = rows[(name, 16)], rows[(name, 64)]
         # at least the chunk's distinct labels, never more than V; bigger chunks keep at least as much
         assert 1 <= small["kept_mean"] <= big["kept_mean"] <= TINY["vocab"]
-    # a smaller threshold keeps at least as much
+    # a smaller threshold keeps at least as much, and drops less of each row's gradient
     assert rows[("2^-28 fp32 auto", 64)]["kept_mean"] >= rows[("2^-8", 64)]["kept_mean"]
+    assert 0 <= rows[("2^-28 fp32 auto", 64)]["dropped_mass_per_row"] <= rows[("2^-8", 64)]["dropped_mass_per_row"] < 2
+    # dropped mass against a loop: Σ over the columns no row of the chunk keeps, per row
+    g = torch.Generator().manual_seed(1)
+    dz = torch.rand(10, 7, generator=g, dtype=torch.float64) ** 4
+    want = sum(dz[i, j].item() for s in range(0, 10, 4) for j in range(7)
+               if all(dz[r, j] <= 0.3 for r in range(s, min(s + 4, 10))) for i in range(s, min(s + 4, 10))) / 10
+    assert abs(W.dropped_mass(dz, 4, 0.3) - want) < 1e-12
     assert "2^-12 bf16 auto" in W.format_table(t)
 
 
