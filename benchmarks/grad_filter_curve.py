@@ -17,7 +17,8 @@ the filter, so a difference at step s comes from the filtered gradients of the s
 Every ``--probe-every`` steps the final hidden states of the batch are caught by a hook and the fraction
 of the vocabulary that the run's threshold keeps is computed in plain torch (``|softmax - onehot| > t``
 in some row of a chunk of ``--chunk`` rows, the fused loss's chunk by default: the rule of
-``grad_filter``, in units of the row's gradient scale).
+``grad_filter``, in units of the row's gradient scale), and the gradient mass it leaves out
+(``Σ_j |softmax - onehot|`` over the left-out columns, mean over rows; a row's total is at most 2).
 
 Writes ``benchmarks/plots/grad_filter_curve.png`` (the loss curves side by side, their difference, the
 kept fraction) and ``benchmarks/grad_filter_curve.json`` (every figure, the command and the machine).
@@ -110,12 +111,17 @@ def train(label, grad_filter, start, ids, held, config, args, stand_in, log):
                 dz = torch.softmax(h @ weight.detach().double().T, dim=-1)
                 dz[torch.arange(y.numel()), y] -= 1
                 dz = dz.abs()
-                kept = {}
+                kept, dropped = {}, {}
                 for name, t in args.filters.items():
-                    per = [(dz[s:s + args.chunk].amax(0) > numeric(t)).sum().item()
-                           for s in range(0, dz.shape[0], args.chunk)]
+                    per, lost = [], 0.0
+                    for s in range(0, dz.shape[0], args.chunk):
+                        col = dz[s:s + args.chunk].amax(0) > numeric(t)
+                        per.append(col.sum().item())
+                        lost += dz[s:s + args.chunk][:, ~col].sum().item()
                     kept[name] = sum(per) / len(per) / dz.shape[1]
-            probes.append({"step": step, "kept": kept})
+                    # Σ_j |dz_ij| over the left-out columns, mean over rows (a row's total is at most 2)
+                    dropped[name] = lost / dz.shape[0]
+            probes.append({"step": step, "kept": kept, "dropped_mass_per_row": dropped})
         if log and (step % max(1, args.steps // 10) == 0 or step == args.steps - 1):
             log(f"{label:>14}: step {step:>4}/{args.steps}  loss {losses[-1]:.5f}  "
                 f"({time.perf_counter() - t_run:.0f} s)")

@@ -196,5 +196,6 @@ def test_grad_filter_curve_script_runs(tmp_path):
         assert s["identical_until_filter_on"] and r["losses"][0] == exact[0]  # the loss itself is exact
         assert s["max_abs_diff"] == max(abs(a - b) for a, b in zip(r["losses"], exact))
         assert 0 < s["kept_fraction_last"] <= 1 and s["threshold_value"] == 2.0 ** -8
+        assert all(0 <= p["dropped_mass_per_row"]["2^-8"] < 2 for p in r["probes"])
     with pytest.raises(SystemExit):
         C.main(["--filter-from", "5", "--steps", "2"])
