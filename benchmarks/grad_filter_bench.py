@@ -55,14 +55,15 @@ def synthetic(n, d, v, dtype, seed=0, prior=1.0, align=9.0, noise=0.5):
     return h.to(dtype).contiguous(), w.to(dtype).contiguous(), labels
 
 
-def load(shape, dtype, source):
+def load(shape, dtype, source, split=None):
     n, d, v = shape
     if source == "workload":
         from benchmarks import workload
 
-        h, w, y = workload.load_workload(shape=shape, dtype=dtype, log=lambda *a: None)
-        return h, w, y
-    return synthetic(n, d, v, dtype)
+        kw = {} if split is None else {"split": split}
+        h, w, y, meta = workload.load_workload(shape=shape, dtype=dtype, log=lambda *a: None, return_meta=True, **kw)
+        return h, w, y, meta.get("split")
+    return (*synthetic(n, d, v, dtype), None)
 
 
 def workload_available():
@@ -121,8 +122,8 @@ def fused(h, w, y, grad_filter):
     return run
 
 
-def measure(shape, dtype, source, rounds, thresholds):
-    h, w, y = load(shape, dtype, source)
+def measure(shape, dtype, source, rounds, thresholds, split=None):
+    h, w, y, split = load(shape, dtype, source, split)
     n, d, v = shape
     chunk = chunk_of(n, d, v, dtype)
     auto = tkf.grad_filter_value("auto", dtype)
@@ -157,7 +158,8 @@ def measure(shape, dtype, source, rounds, thresholds):
         k = kept_per_chunk(h, w, y, chunk, tv)
         kept[str(t)] = {"threshold": tv, "kept_per_chunk": k, "kept_fraction_mean": sum(k) / len(k) / v,
                         "kept_fraction_max": max(k) / v}
-    return {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "source": source, "chunk_rows": chunk,
+    return {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "source": source, "split": split,
+            "chunk_rows": chunk,
             "median_s": med, "x_gemm3": {k: med[k] / med["gemm3"] for k in med}, "kept": kept, "checks": checks,
             "loadavg": os.getloadavg()}
 
@@ -167,6 +169,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--synthetic", action="store_true", help="the synthetic peaked softmax even if the workload exists")
     ap.add_argument("--workload", action="store_true", help="use (and make, if needed) benchmarks/workload.py's cache")
+    ap.add_argument("--split", help="the workload's split (its default when not given: see benchmarks/workload.py)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--json")
@@ -179,10 +182,11 @@ def main(argv=None):
     for dt in args.dtypes.split(","):
         dtype = getattr(torch, dt)
         for shape in shapes:
-            r = measure(shape, dtype, source, args.rounds, THRESHOLDS[dtype])
+            r = measure(shape, dtype, source, args.rounds, THRESHOLDS[dtype], args.split)
             results.append(r)
             n, d, v = shape
-            print(f"\nN={n} D={d} V={v} {r['dtype']} (chunk {r['chunk_rows']} rows; load {r['loadavg'][0]:.1f})")
+            print(f"\nN={n} D={d} V={v} {r['dtype']} (chunk {r['chunk_rows']} rows; workload split "
+                  f"{r['split']}; load {r['loadavg'][0]:.1f})")
             for k, s in r["median_s"].items():
                 print(f"  {k:<14} {s * 1e3:9.1f} ms  {r['x_gemm3'][k]:.3f}x gemm3")
             for t, kk in r["kept"].items():
