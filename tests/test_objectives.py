@@ -374,3 +374,8 @@ def test_minus_inf_logits_give_pytorchs_finite_values():
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-13)
     (gh,) = torch.autograd.grad((res.entropy * 0.5 + res.log_probs).sum(), h)
     assert torch.isfinite(gh).all()
+    # a large entropy coefficient: the clamped -inf logits times it must not overflow into 0 * inf
+    out = O.linear_token_objective(h, w, y, lambda lp, ent: -lp - 1e3 * ent, bias=bias, chunk_size=5)
+    ref = _reference(h, w, bias, y, {}, objective=lambda lp, ent: -lp - 1e3 * ent)
+    for a, r in zip(torch.autograd.grad(out, (h, w, bias)), torch.autograd.grad(ref, (h, w, bias))):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-10)

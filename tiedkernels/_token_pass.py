@@ -144,15 +144,26 @@ def logits_grad(z, p, s, y, keep, a, b, c):
     return dz
 
 
+_TILE_BYTES = 4 << 20
+
+
+def _tiles(rows, v, itemsize):
+    """Column ranges of a [rows, V] chunk whose temporaries take about _TILE_BYTES each."""
+    cols = max(256, _TILE_BYTES // max(1, rows * itemsize))
+    return [(j, min(v, j + cols)) for j in range(0, v, cols)]
+
+
 def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
     """One pass over the row chunks: per-token (logp, H, lse) [N] each, and argmax [N] when ``want_pred``
     (else None). With ``coef_fn(start, rows, logp, H, lse) -> (a, b, c)`` the chunk's gradients go into
     ``grads`` in the same pass. ``logp`` is 0 at ignored tokens (``keep`` False); a row holding +inf has
     a NaN ``logp`` (PyTorch's log_softmax there), while its ``lse`` is +inf.
 
-    Two ``[C, V]`` buffers per chunk, worked in place: the logits ``z`` and ``p = softmax(z)``, which
-    becomes ``dL/dz``. A ``-inf`` logit is raised to the dtype's lowest finite value once the label's logit
-    is read: its probability is 0 either way, and every product with it is then 0 rather than 0 · inf."""
+    One ``[C, V]`` buffer per chunk (two with a softcap, whose tanh the chain rule needs): the logits,
+    overwritten in place by ``dL/dz``; the statistics and the gradient are computed over column tiles
+    whose temporaries are a few MiB. A ``-inf`` logit is raised to the dtype's lowest finite value once
+    the label's logit is read: its probability is 0 either way, and every product with it is then 0
+    rather than 0 · inf."""
     n = y.shape[0]
     sdt = lg.sdt
     dev = lg.hidden.device
@@ -166,41 +177,57 @@ def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
         rows = min(chunk, n - start)
         yc, kc = y[start:start + rows], keep[start:start + rows]
         z, t = lg.chunk(start, rows)
+        v = z.shape[1]
         if want_pred:
-            pred[start:start + rows] = torch.argmax(z, dim=1) if z.shape[1] else 0
-        l = torch.logsumexp(z, dim=1)
-        lp = torch.where(kc, label_logits(z, yc, kc) - _tb.cross_entropy_lse(l), zero)
+            pred[start:start + rows] = torch.argmax(z, dim=1) if v else 0
+        zy = label_logits(z, yc, kc)
+        tiles = _tiles(rows, v, z.element_size())
+        m = z.amax(dim=1) if v else torch.full((rows,), float("-inf"), dtype=sdt, device=dev)
+        # a row whose max is -inf (every logit -inf) or NaN keeps it: its statistics are NaN, as PyTorch's
+        shift = torch.where(torch.isfinite(m), m, zero)
         z.clamp_(min=lowest)
-        p = torch.sub(z, l[:, None]).exp_()
-        s = torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(rows) if rows else l.new_zeros((0,))
-        logp[start:start + rows], ent[start:start + rows], lse[start:start + rows] = lp, l - s, l
+        se = torch.zeros((rows,), dtype=sdt, device=dev)
+        sez = torch.zeros((rows,), dtype=sdt, device=dev)
+        for j0, j1 in tiles:
+            zt = z[:, j0:j1]
+            e = torch.sub(zt, shift[:, None]).exp_()
+            se += e.sum(1)
+            sez += torch.bmm(e.unsqueeze(1), zt.unsqueeze(2)).view(rows)
+        l = shift + torch.log(se)
+        l = torch.where(torch.isfinite(m), l, m)  # lse of an all -inf row is -inf, of a +inf row +inf
+        s = sez / se
+        lp = torch.where(kc, zy - _tb.cross_entropy_lse(l), zero)
+        h = l - s
+        logp[start:start + rows], ent[start:start + rows], lse[start:start + rows] = lp, h, l
         if coef_fn is None:
             continue
-        a, b, c = coef_fn(start, rows, lp, l - s, l)
+        a, b, c = coef_fn(start, rows, lp, h, l)
         if a is None and b is None and c is None:
             continue
-        grads.add(lg.chain(_grad_in_place(z, p, s, yc, kc, a, b, c), t, start, rows), start, rows)
+        grads.add(lg.chain(_grad_in_place(z, l, s, yc, kc, a, b, c, tiles), t, start, rows), start, rows)
     return logp, ent, lse, (pred if want_pred else None)
 
 
-def _grad_in_place(z, p, s, y, keep, a, b, c):
-    """dL/dz of one chunk into ``p``'s buffer (``z`` is overwritten too):
-    dz = p ⊙ (c - a - b (z - S)) + a · onehot(y)."""
-    coef = None
+def _grad_in_place(z, lse, s, y, keep, a, b, c, tiles):
+    """dL/dz of one chunk, written over its logits ``z`` tile by tile:
+    dz = p ⊙ (c - a - b (z - S)) + a · onehot(y), p = exp(z - lse)."""
+    rows = z.shape[0]
+    coef = torch.zeros((rows,), dtype=z.dtype, device=z.device)
     if a is not None:
-        coef = -a
+        coef = coef - a
     if c is not None:
-        coef = c if coef is None else coef + c
+        coef = coef + c
     if b is not None:
-        factor = z.sub_(s[:, None]).mul_(-b[:, None])
-        if coef is not None:
-            factor.add_(coef[:, None])
-        p.mul_(factor)
-    elif coef is not None:
-        p.mul_(coef[:, None])
-    else:
-        p.zero_()
-    if a is not None and p.shape[1] > 0:
+        coef = coef + b * s  # p (coef - b z + b S): the constant part per row
+    for j0, j1 in tiles:
+        zt = z[:, j0:j1]
+        p = torch.sub(zt, lse[:, None]).exp_()
+        if b is not None:
+            zt.mul_(-b[:, None]).add_(coef[:, None]).mul_(p)
+            zt.masked_fill_(p == 0, 0)  # a clamped -inf logit times a large b may overflow: p = 0 gives 0
+        else:
+            torch.mul(p, coef[:, None], out=zt)
+    if a is not None and z.shape[1] > 0:
         safe = torch.where(keep, y, torch.zeros_like(y))
-        p.scatter_add_(1, safe[:, None], torch.where(keep, a, torch.zeros_like(a))[:, None])
-    return p
+        z.scatter_add_(1, safe[:, None], torch.where(keep, a, torch.zeros_like(a))[:, None])
+    return z
