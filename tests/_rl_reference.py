@@ -27,8 +27,9 @@ def token_stats(z, labels, ignore_index=-100):
     lp = torch.where(keep, lp, torch.zeros_like(lp))
     p = ls.exp()
     # an entry of probability 0 (a -inf logit) adds 0, and so does its gradient (clamp, not where: the
-    # gradient of p * -inf through a where would be 0 * inf)
-    ent = -(p * ls.clamp(min=torch.finfo(ls.dtype).min)).sum(-1)
+    # gradient of p * -inf through a where would be 0 * inf; -1e30, not the dtype's lowest, so that the
+    # gradient of p stays finite times a large incoming gradient)
+    ent = -(p * ls.clamp(min=-1e30)).sum(-1)
     return lp, ent, torch.logsumexp(z, -1)
 
 
