@@ -489,7 +489,10 @@ def test_cpp_schemas_match_python_copy():
     # the Python backends register the same ops under a prefix ("torch_", and "triton_" once any test
     # has imported the Triton backend); only the compiled, unprefixed ones are compared here
     compiled = {n for n in compiled if not n.startswith(("torch_", "triton_"))}
-    assert compiled == set(SCHEMAS)
+    # the token-level objectives' ops are defined in Python, once, for every device
+    from tiedkernels.objectives import PYTHON_OPS
+
+    assert compiled - set(PYTHON_OPS) == set(SCHEMAS)
     for name, sig in SCHEMAS.items():
         assert str(getattr(torch.ops.tiedkernels, name).default._schema) == f"tiedkernels::{name}{sig}"
 

@@ -187,6 +187,11 @@ def _pass_args(hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, 
     return lg, labels.long(), keep
 
 
+# The ops this module defines in Python (one implementation for every device: the chunked pass);
+# the compiled extension's ops are tiedkernels/_schemas.py's.
+PYTHON_OPS = ("token_stats", "token_stats_bwd")
+
+
 @torch.library.custom_op("tiedkernels::token_stats", mutates_args=())
 def _token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                  row_scale: Optional[torch.Tensor], inv_temp: Optional[torch.Tensor], ignore_index: int,
