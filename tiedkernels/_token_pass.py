@@ -188,11 +188,14 @@ def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
         z.clamp_(min=lowest)
         se = torch.zeros((rows,), dtype=sdt, device=dev)
         sez = torch.zeros((rows,), dtype=sdt, device=dev)
+        keep_e = coef_fn is not None  # the gradient reuses exp(z - max): the logits' buffer then holds it
         for j0, j1 in tiles:
             zt = z[:, j0:j1]
             e = torch.sub(zt, shift[:, None]).exp_()
             se += e.sum(1)
             sez += torch.bmm(e.unsqueeze(1), zt.unsqueeze(2)).view(rows)
+            if keep_e:
+                zt.copy_(e)
         l = shift + torch.log(se)
         l = torch.where(torch.isfinite(m), l, m)  # lse of an all -inf row is -inf, of a +inf row +inf
         s = sez / se
@@ -204,30 +207,33 @@ def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
         a, b, c = coef_fn(start, rows, lp, h, l)
         if a is None and b is None and c is None:
             continue
-        grads.add(lg.chain(_grad_in_place(z, l, s, yc, kc, a, b, c, tiles), t, start, rows), start, rows)
+        dz = _grad_in_place(z, shift, se, s, yc, kc, a, b, c, tiles)
+        grads.add(lg.chain(dz, t, start, rows), start, rows)
     return logp, ent, lse, (pred if want_pred else None)
 
 
-def _grad_in_place(z, lse, s, y, keep, a, b, c, tiles):
-    """dL/dz of one chunk, written over its logits ``z`` tile by tile:
-    dz = p ⊙ (c - a - b (z - S)) + a · onehot(y), p = exp(z - lse)."""
-    rows = z.shape[0]
-    coef = torch.zeros((rows,), dtype=z.dtype, device=z.device)
+def _grad_in_place(e, shift, se, s, y, keep, a, b, c, tiles):
+    """dL/dz of one chunk, written over ``e = exp(z - shift)`` (the chunk's buffer after the statistics):
+    dz = p ⊙ (c - a - b (z - S)) + a · onehot(y), with p = e / Σe and z = log(e) + shift."""
+    rows = e.shape[0]
+    inv = 1.0 / se
+    coef = torch.zeros((rows,), dtype=e.dtype, device=e.device)
     if a is not None:
         coef = coef - a
     if c is not None:
         coef = coef + c
-    if b is not None:
-        coef = coef + b * s  # p (coef - b z + b S): the constant part per row
-    for j0, j1 in tiles:
-        zt = z[:, j0:j1]
-        p = torch.sub(zt, lse[:, None]).exp_()
-        if b is not None:
-            zt.mul_(-b[:, None]).add_(coef[:, None]).mul_(p)
-            zt.masked_fill_(p == 0, 0)  # a clamped -inf logit times a large b may overflow: p = 0 gives 0
-        else:
-            torch.mul(p, coef[:, None], out=zt)
-    if a is not None and z.shape[1] > 0:
+    if b is None:
+        e.mul_((coef * inv)[:, None])
+    else:
+        # p (coef - b z + b S) = e/Σe · (coef + b (S - shift) - b log e); an entry with e = 0 gives 0
+        const = coef + b * (s - shift)
+        for j0, j1 in tiles:
+            et = e[:, j0:j1]
+            zero = et == 0  # probability 0: gradient 0 (log 0 = -inf times b would give 0 · inf)
+            lz = torch.log(et)
+            et.mul_(lz.mul_(-b[:, None]).add_(const[:, None])).mul_(inv[:, None])
+            et.masked_fill_(zero, 0)
+    if a is not None and e.shape[1] > 0:
         safe = torch.where(keep, y, torch.zeros_like(y))
-        z.scatter_add_(1, safe[:, None], torch.where(keep, a, torch.zeros_like(a))[:, None])
-    return z
+        e.scatter_add_(1, safe[:, None], torch.where(keep, a, torch.zeros_like(a))[:, None])
+    return e
