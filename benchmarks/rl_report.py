@@ -411,9 +411,12 @@ NOTES = """**Reading the figures.** Liger's chunked GRPO loss computes each comp
 chunks of 4096 and recomputes the logits in the backward (8·N·D·V flops; tiedkernels' fused objective does \
 6·N·D·V), and allocates a float32 `[V, D]` weight gradient per completion that it adds into the accumulator \
 (B = 8 times per step); it computes no entropy. Its JSD loss takes 1024-row chunks whose `[1024, V]` student \
-and teacher logits, log-softmaxes and mixture are live at once. tiedkernels' objectives run the row pass in \
-PyTorch operations on chunks of D/2 rows in fp32 (D in bf16): logits, probabilities and their products are \
-`[rows, V]` temporaries alive together, which is what sets its extra peak above dW + dh. In bf16, Liger's \
+and teacher logits, log-softmaxes and mixture are live at once. tiedkernels' GRPO objective runs its row \
+pass in PyTorch operations on chunks of D/2 rows whose fp32 logits are overwritten in place by the gradient \
+(column tiles of a few MiB for the temporaries): its extra peak is about dW + dh + one chunk. The GRPO \
+rows were measured after that change (memory in the run of 17:32, times in the later runs); the JSD row \
+before it, which the distillation's pass did not take: it still holds several \
+`[rows, V]` fp32 buffers of the chunk (student and teacher). In bf16, Liger's \
 and TRL's JSD take the log-softmax of bf16 logits, so their loss is only bf16-accurate (at the CI shape, \
 N=64 D=32 V=512, both give -0.0047 where the fp32 statistics give 0.0019); tiedkernels and `plain` compute \
 the statistics in fp32."""
