@@ -414,7 +414,8 @@ chunks of 4096 and recomputes the logits in the backward (8·N·D·V flops; tied
 and teacher logits, log-softmaxes and mixture are live at once. tiedkernels' GRPO objective runs its row \
 pass in PyTorch operations on chunks of D/2 rows whose fp32 logits are overwritten in place by the gradient \
 (column tiles of a few MiB for the temporaries): its extra peak is about dW + dh + one chunk. The GRPO \
-rows were measured after that change (memory in the run of 17:32, times in the later runs); the JSD row \
+rows were measured after that change (memory in the run of 17:32, times in the later runs), except the \
+time at V=131072, which is the earlier pass's (the run of 17:04; not re-run for lack of time); the JSD row \
 before it, which the distillation's pass did not take: it still holds several \
 `[rows, V]` fp32 buffers of the chunk (student and teacher). In bf16, Liger's \
 and TRL's JSD take the log-softmax of bf16 logits, so their loss is only bf16-accurate (at the CI shape, \
