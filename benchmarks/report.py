@@ -72,16 +72,9 @@ def loadavg():
 # timing
 
 
-def time_case(case, rounds, warmed, log):
-    names = runnable(case)
-    x = P.make_inputs(case)
-    steps = {n: P.build(n, case, x) for n in names}
-    for n in names:
-        key = (n, case.kind, case.dtype)
-        if n in COMPILED or key not in warmed:  # compile for this shape; first touch of everything
-            steps[n].run()
-            steps[n].reset()
-            warmed.add(key)
+def interleaved(steps, names, rounds):
+    """Time ``steps[n].run()`` for every name in ``rounds`` rounds, the order rotating each round, with
+    the garbage collector off: (samples, medians, the load average at the start)."""
     samples = {n: [] for n in names}
     load0 = loadavg()
     gc.collect()
@@ -96,7 +89,20 @@ def time_case(case, rounds, warmed, log):
                 steps[n].reset()
     finally:
         gc.enable()
-    med = {n: statistics.median(s) for n, s in samples.items()}
+    return samples, {n: statistics.median(s) for n, s in samples.items()}, load0
+
+
+def time_case(case, rounds, warmed, log):
+    names = runnable(case)
+    x = P.make_inputs(case)
+    steps = {n: P.build(n, case, x) for n in names}
+    for n in names:
+        key = (n, case.kind, case.dtype)
+        if n in COMPILED or key not in warmed:  # compile for this shape; first touch of everything
+            steps[n].run()
+            steps[n].reset()
+            warmed.add(key)
+    samples, med, load0 = interleaved(steps, names, rounds)
     floor = med.get(P.floor_name(case.kind))
     log(f"{case.label}  (load {load0[0]})")
     for n in sorted(med, key=med.get):

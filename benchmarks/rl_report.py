@@ -38,10 +38,8 @@ import gc
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -369,21 +367,9 @@ def time_case(case, names, rounds, log):
     for n in names:  # warm-up: first touch of every buffer
         steps[n].run()
         steps[n].reset()
-    samples = {n: [] for n in names}
-    load0 = loadavg()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for n in order:
-                t0 = time.perf_counter()
-                steps[n].run()
-                samples[n].append(time.perf_counter() - t0)
-                steps[n].reset()
-    finally:
-        gc.enable()
-    med = {n: statistics.median(s) for n, s in samples.items()}
+    from benchmarks.report import interleaved
+
+    samples, med, load0 = interleaved(steps, names, rounds)
     log(f"{case.label}  (load {load0[0]})")
     base = med.get("liger")
     for n in sorted(med, key=med.get):
