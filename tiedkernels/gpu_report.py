@@ -378,12 +378,17 @@ def cuda_launches(n, d, v, dtype="bf16", sms=H100_SMS):
             L.append(_gemm("cublas: dW = dzᵀ·h_c" + out, v, d, c, c * v * e, c * d * e, v * d * 4))
         else:
             L.append(_gemm("cublas: dW += dzᵀ·h_c" + out, v, d, c, c * v * e, c * d * e, 2 * v * d * 4))
-    L.append(_elementwise("aten: loss = sum(loss_vec)", n, 4 * n + 4))
-    L.append(_elementwise("aten: loss *= 1/denominator", 1, 12))
+    return L + _finish_launches(n, d, v, e, low)
+
+
+def _finish_launches(n, d, v, e, low):
+    """The launches after the chunks: the loss's sum and scale, dW's cast, and the backward (ops.py),
+    whose incoming gradient is a CUDA tensor, so it cannot be known to be 1 without a sync and the
+    precomputed gradients are scaled in place."""
+    L = [_elementwise("aten: loss = sum(loss_vec)", n, 4 * n + 4),
+         _elementwise("aten: loss *= 1/denominator", 1, 12)]
     if low:
         L.append(_elementwise("aten: dW fp32 -> input dtype", v * d, v * d * (4 + e)))
-    # backward (ops.py): the incoming gradient is a CUDA tensor, so it cannot be known to be 1
-    # without a sync and the precomputed gradients are scaled in place
     L.append(_elementwise("aten: dh *= grad", n * d, 2 * n * d * e + 4))
     L.append(_elementwise("aten: dW *= grad", v * d, 2 * v * d * e + 4))
     return L
@@ -451,13 +456,7 @@ def cuda_filtered_launches(n, d, v, kept, dtype="bf16", sms=H100_SMS):
                              0, kt * d * 4 + 8 * kt, kt * d * 4))
         if dh32:
             L.append(_elementwise("filter: dh_c fp32 -> input dtype", c * d, c * d * (4 + e)))
-    L.append(_elementwise("aten: loss = sum(loss_vec)", n, 4 * n + 4))
-    L.append(_elementwise("aten: loss *= 1/denominator", 1, 12))
-    if low:
-        L.append(_elementwise("aten: dW fp32 -> input dtype", v * d, v * d * (4 + e)))
-    L.append(_elementwise("aten: dh *= grad", n * d, 2 * n * d * e + 4))
-    L.append(_elementwise("aten: dW *= grad", v * d, 2 * v * d * e + 4))
-    return L
+    return L + _finish_launches(n, d, v, e, low)
 
 
 def triton_plan():
