@@ -4,6 +4,15 @@ path and the three dense GEMMs, on a realistic (peaked) softmax, and the kept fr
     .venv/bin/python -m benchmarks.grad_filter_bench                 # the README shapes, fp32 and bf16
     .venv/bin/python -m benchmarks.grad_filter_bench --quick         # small shapes: checks the script
     .venv/bin/python -m benchmarks.grad_filter_bench --json out.json
+    .venv/bin/python -m benchmarks.grad_filter_bench --dtypes float32 --write-results   # RESULTS.md section
+    .venv/bin/python -m benchmarks.grad_filter_bench --from-json   # re-render the section, no measuring
+
+``--write-results`` renders the section between ``<!-- grad-filter:begin -->`` and
+``<!-- grad-filter:end -->`` of ``benchmarks/RESULTS.md`` (``--out DIR`` for another folder) and
+saves the raw results to ``results_grad_filter.json`` beside it, merged with the results already there
+by (shape, dtype): a float32 run and a bfloat16 run made separately end up in one section.  The
+section's last part renders ``grad_filter_curve.json`` (``benchmarks/grad_filter_curve.py``'s
+training curves; ``--curve PATH`` for another file).
 
 Workload: the trained model of ``benchmarks/workload.py`` (its cached hidden states, labels and
 weight mapped to each shape) when that module is present and its cache exists (``--workload``
@@ -20,6 +29,7 @@ loss's own bf16 GEMMs run through fp32 tiles on such a CPU).
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -33,6 +43,12 @@ import torch
 import tiedkernels as tk
 from tiedkernels import functional as tkf
 from tiedkernels._torch_backend import _cpu_lacks_lowp_gemm, filter_keep
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BEGIN, END = "<!-- grad-filter:begin -->", "<!-- grad-filter:end -->"
+RAW_NAME = "results_grad_filter.json"
+CURVE = os.path.join(HERE, "grad_filter_curve.json")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 SHAPES = ((2048, 1024, 32768), (4096, 512, 50257))
 QUICK_SHAPES = ((512, 256, 4096),)
@@ -122,7 +138,31 @@ def fused(h, w, y, grad_filter):
     return run
 
 
+def machine():
+    """CPU model, core count and the flags that decide the GEMM paths (from /proc/cpuinfo)."""
+    cpu, flags = None, None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key == "model name" and cpu is None:
+                    cpu = val.strip()
+                elif key == "flags" and flags is None:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "flags": {x: x in (flags or ()) for x in ISA_FLAGS}}
+
+
+def loadavg():
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def measure(shape, dtype, source, rounds, thresholds, split=None):
+    load_start = loadavg()
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     h, w, y, split = load(shape, dtype, source, split)
     n, d, v = shape
     chunk = chunk_of(n, d, v, dtype)
@@ -158,10 +198,219 @@ def measure(shape, dtype, source, rounds, thresholds, split=None):
         k = kept_per_chunk(h, w, y, chunk, tv)
         kept[str(t)] = {"threshold": tv, "kept_per_chunk": k, "kept_fraction_mean": sum(k) / len(k) / v,
                         "kept_fraction_max": max(k) / v}
-    return {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "source": source, "split": split,
-            "chunk_rows": chunk,
+    return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "source": source, "split": split,
+            "chunk_rows": chunk, "rounds": rounds,
+            "gemm3_dtype": "float32" if dtype == torch.bfloat16 and _cpu_lacks_lowp_gemm(torch.bfloat16)
+            else str(dtype).replace("torch.", ""),
             "median_s": med, "x_gemm3": {k: med[k] / med["gemm3"] for k in med}, "kept": kept, "checks": checks,
-            "loadavg": os.getloadavg()}
+            "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "date": date, "load_start": load_start, "load_end": loadavg()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the RESULTS.md section
+
+
+def _label(t, kept=None):
+    """A threshold as the section shows it: 2^-k for powers of two, auto with its value."""
+    if t == "auto":
+        return "auto" + (f" (= {_label(kept['threshold'])})" if kept else "")
+    t = float(t)
+    e = math.log2(t) if t > 0 else None
+    return f"2^{int(e)}" if e is not None and e == int(e) else f"{t:g}"
+
+
+def _ms(sec):
+    ms = sec * 1e3
+    return f"{ms:,.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _pct(x):
+    return f"{100 * x:.2f}%"
+
+
+def _rel(change, ref):
+    if ref == 0:
+        return "–" if change == 0 else f"{change:.3g} (max abs 0)"
+    return f"{change / ref:.3g}"
+
+
+def _bf16_floor_fp32(r):
+    f = r.get("machine", {}).get("flags", {})
+    return r["dtype"] == "bfloat16" and not (f.get("avx512_bf16") or f.get("amx_bf16"))
+
+
+def _case_table(r):
+    n, d, v = r["shape"]
+    floor = r["median_s"]["gemm3"]
+    la = lambda x: ", ".join(f"{y:g}" for y in x)  # noqa: E731
+    L = [f"**N={n} D={d} V={v} {r['dtype']}** (chunk {r['chunk_rows']} rows; {r['date']}; load average "
+         f"(1, 5, 15 min) {la(r['load_start'])} at the start, {la(r['load_end'])} at the end)", "",
+         "| run | median (ms) | × gemm3 | kept columns per chunk, mean (max) of V | loss bit-identical | "
+         "max abs Δdh / max abs dh | max abs ΔdW / max abs dW |",
+         "|---|---:|---:|---|---|---:|---:|"]
+    for name, sec in r["median_s"].items():
+        label, kept_cell, c = name, "–", None
+        if name.startswith("filter="):
+            t = name.split("=", 1)[1]
+            k = r["kept"].get(t)
+            label = f"filter={_label(t, k)}"
+            if k:
+                cols = k["kept_per_chunk"]
+                kept_cell = (f"{sum(cols) / len(cols):,.0f} ({max(cols):,}) of {v:,}: "
+                             f"{_pct(k['kept_fraction_mean'])} ({_pct(k['kept_fraction_max'])})")
+            c = r["checks"].get(name)
+        if name == "gemm3" and _bf16_floor_fp32(r):
+            label = "gemm3 (fp32)"
+        cells = [label, _ms(sec), f"{sec / floor:.3f}", kept_cell,
+                 ("yes" if c["loss_bit_identical"] else "no") if c else "–",
+                 _rel(c["dh_max_abs_change"], c["dh_max_abs"]) if c else "–",
+                 _rel(c["dw_max_abs_change"], c["dw_max_abs"]) if c else "–"]
+        L.append("| " + " | ".join(cells) + " |")
+    return L + [""]
+
+
+def _curve_part(curve):
+    if curve is None:
+        return ["### Does the filter change training?", "",
+                "No `grad_filter_curve.json` (`python -m benchmarks.grad_filter_curve` writes it).", ""]
+    cfg = curve.get("config", {})
+    m = curve.get("machine", {})
+    L = ["### Does the filter change training?", "",
+         "`benchmarks/grad_filter_curve.py`" + (" (a stand-in model)" if curve.get("stand_in") else "") +
+         f": {curve.get('about', '').split(': ', 1)[-1]}. Config: " +
+         ", ".join(f"{k} {v}" for k, v in cfg.items() if k not in ("filters", "filter_from")) +
+         f". Command: `{curve.get('command', '?')}`, {curve.get('date', '?')}"
+         + (f", {m.get('cpus')} CPUs, {m.get('threads')} threads, torch {m.get('torch')}" if m else "")
+         + (f", {curve['seconds'] / 60:.0f} minutes" if curve.get("seconds") else "")
+         + ". Figures from `benchmarks/grad_filter_curve.json`; every run on the same batches as the exact one.",
+         "",
+         "| run | filter from step | final loss, mean of the last 10% (exact) | held-out loss (exact) | "
+         "mean abs difference of the loss curve | kept fraction, mean | bit-identical until the filter is on |",
+         "|---|---:|---:|---:|---:|---:|---|"]
+    for s in curve.get("summary", []):
+        ident = s.get("identical_until_filter_on")
+        L.append(f"| {s['run']} | {s.get('filter_from', '–')} | {s['final_loss_mean_last_10pct']:.3f} "
+                 f"({s['exact_final_loss_mean_last_10pct']:.3f}) | {s['heldout_loss']:.3f} "
+                 f"({s['exact_heldout_loss']:.3f}) | {s['mean_abs_diff']:.3f} | {_pct(s['kept_fraction_mean'])} | "
+                 f"{'–' if ident is None else ('yes' if ident else 'no')} |")
+    return L + ["", "![grad_filter training curves](plots/grad_filter_curve.png)", ""]
+
+
+def section(results, curve=None):
+    """The markdown section (markers included) from a list of ``measure`` results and the curve json."""
+    L = [BEGIN, "", "## Gradient filtering (grad_filter=), fused loss forward + backward", ""]
+    if any(r.get("quick") for r in results):
+        L += ["**Quick run (tiny shapes): a check of the pipeline, not a measurement.**", ""]
+    if results:
+        srcs = sorted({(r["source"], r.get("split")) for r in results}, key=str)
+        work = "; ".join(
+            f"`benchmarks/workload.py`'s trained GPT-2 (its cached hidden states, labels and tied weight), "
+            f"split `{sp}`, mapped to each shape (rows tiled, D zero-padded, extra vocabulary rows)"
+            if src == "workload" else
+            "synthetic (a Zipf prior over the vocabulary plus each token aligned with its label's row: a "
+            "peaked softmax)" for src, sp in srcs)
+        machines = sorted({(r["machine"]["cpu"], r["machine"]["cores"],
+                            " ".join(k for k, on in r["machine"]["flags"].items() if on) or "none of "
+                            + "/".join(ISA_FLAGS)) for r in results})
+        dates = sorted(r["date"] for r in results)
+        loads = [x for r in results for x in (r["load_start"][0], r["load_end"][0])]
+        cmds = list(dict.fromkeys(r["command"] for r in results if r.get("command")))
+        para = ("Timed: `gemm3` = the three dense GEMMs (h·Wᵀ, dz·W, dzᵀ·h) into preallocated outputs, the "
+                "floor; `exact` = the default fused loss (`tk.linear_cross_entropy(..., backend=\"cpu\")`, mean "
+                "loss, forward + backward); `filter=t` = the same with `grad_filter=t` (`auto` = the dtype's "
+                "default, its value beside it). Median of " +
+                "/".join(str(x) for x in sorted({r.get("rounds", "?") for r in results}, key=str)) +
+                " interleaved rounds after a warm-up, all runs of a case in one process. Kept columns: per "
+                "chunk of the backend's training-step chunk rows, the columns the kernels' rule keeps (mean "
+                "and max over the chunks). The gradient changes are against `exact`. Workload: " + work +
+                ". Machine: " + "; ".join(f"{c}, {n} cores ({fl})" for c, n, fl in machines) +
+                "; torch " + ", ".join(sorted({r["torch"] for r in results})) + ", " +
+                "/".join(str(t) for t in sorted({r["threads"] for r in results})) + " threads; measured " +
+                (dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") +
+                f"; 1-minute load average {min(loads)} to {max(loads)}. Reproduce: " +
+                "; ".join(f"`{c}`" for c in cmds) + ".")
+        if any(_bf16_floor_fp32(r) for r in results):
+            para += (" This CPU has no native bf16 GEMMs (no avx512_bf16 / amx_bf16), so the bf16 floor "
+                     "`gemm3 (fp32)` is the same three GEMMs in fp32 (ATen's bf16 GEMM is a scalar fallback "
+                     "there; the fused loss's own bf16 GEMMs run through fp32 tiles).")
+        L += [para, ""]
+        for r in results:
+            L += _case_table(r)
+    else:
+        L += ["No measurements yet: `python -m benchmarks.grad_filter_bench --write-results`.", ""]
+    L += _curve_part(curve)
+    L.append(END)
+    return "\n".join(L)
+
+
+DTYPE_ORDER = ("float32", "bfloat16", "float16")
+
+
+def merge(old, new):
+    """``old`` results with those of the same (shape, dtype) in ``new`` replaced, the others of ``new``
+    added; quick and full results do not mix (a change of kind drops ``old``)."""
+    if old and new and bool(old[0].get("quick")) != bool(new[0].get("quick")):
+        old = []
+    key = lambda r: (tuple(r["shape"]), r["dtype"])  # noqa: E731
+    fresh = {key(r): r for r in new}
+    out = [fresh.pop(key(r), r) for r in old] + [r for r in new if key(r) in fresh]
+    rank = {dt: i for i, dt in enumerate(DTYPE_ORDER)}
+    return sorted(out, key=lambda r: rank.get(r["dtype"], len(rank)))
+
+
+def load_curve(path):
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def write_results(results, out, curve_path=CURVE):
+    """Merge ``results`` into ``out/results_grad_filter.json`` and render the section into
+    ``out/RESULTS.md``; returns the merged list."""
+    os.makedirs(out, exist_ok=True)
+    raw = os.path.join(out, RAW_NAME)
+    old = []
+    if os.path.exists(raw):
+        with open(raw) as f:
+            old = json.load(f)
+    merged = merge(old, results)
+    with open(raw, "w") as f:
+        json.dump(merged, f, indent=1)
+    render(out, curve_path, merged)
+    return merged
+
+
+def render(out, curve_path=CURVE, results=None):
+    """Write the section into ``out/RESULTS.md`` from ``results`` (default: ``out/results_grad_filter.json``)."""
+    from benchmarks import report as R
+
+    if results is None:
+        raw = os.path.join(out, RAW_NAME)
+        results = []
+        if os.path.exists(raw):
+            with open(raw) as f:
+                results = json.load(f)
+    path = os.path.join(out, "RESULTS.md")
+    R.write_marked_section(path, BEGIN, END, section(results, load_curve(curve_path)))
+    return path
+
+
+def _command(argv):
+    """The command line that reproduces a run (``--out``, ``--json`` and ``--write-results`` left out)."""
+    keep, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--out", "--json", "--curve"):
+            skip = True
+            continue
+        if a.startswith(("--out=", "--json=", "--curve=")) or a == "--write-results":
+            continue
+        keep.append(a)
+    return " ".join(["python -m benchmarks.grad_filter_bench"] + keep)
 
 
 def main(argv=None):
@@ -170,10 +419,22 @@ def main(argv=None):
     ap.add_argument("--synthetic", action="store_true", help="the synthetic peaked softmax even if the workload exists")
     ap.add_argument("--workload", action="store_true", help="use (and make, if needed) benchmarks/workload.py's cache")
     ap.add_argument("--split", help="the workload's split (its default when not given: see benchmarks/workload.py)")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--json")
+    ap.add_argument("--json", help="also save this run's results to this file")
+    ap.add_argument("--write-results", action="store_true",
+                    help=f"merge into OUT/{RAW_NAME} by (shape, dtype) and render OUT/RESULTS.md's section")
+    ap.add_argument("--from-json", action="store_true",
+                    help=f"measure nothing: re-render OUT/RESULTS.md's section from OUT/{RAW_NAME}")
+    ap.add_argument("--out", default=HERE, help="folder of RESULTS.md and the json (default: benchmarks/)")
+    ap.add_argument("--curve", default=CURVE, help="the training-curve json (default: benchmarks/grad_filter_curve.json)")
     args = ap.parse_args(argv)
+    if args.quick and args.write_results and os.path.abspath(args.out) == HERE:
+        ap.error("--quick --write-results needs --out: a quick run is a check, not figures for benchmarks/")
+    if args.from_json:
+        print(f"wrote {render(args.out, args.curve)} (section {BEGIN} ... {END})")
+        return []
+    argv = sys.argv[1:] if argv is None else list(argv)
     source = "workload" if args.workload or (workload_available() and not args.synthetic) else "synthetic"
     shapes = QUICK_SHAPES if args.quick else SHAPES
     print(f"# grad_filter benchmark: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
@@ -183,10 +444,11 @@ def main(argv=None):
         dtype = getattr(torch, dt)
         for shape in shapes:
             r = measure(shape, dtype, source, args.rounds, THRESHOLDS[dtype], args.split)
+            r["quick"], r["command"] = args.quick, _command(argv)
             results.append(r)
             n, d, v = shape
             print(f"\nN={n} D={d} V={v} {r['dtype']} (chunk {r['chunk_rows']} rows; workload split "
-                  f"{r['split']}; load {r['loadavg'][0]:.1f})")
+                  f"{r['split']}; load {r['load_start'][0]:.1f} to {r['load_end'][0]:.1f})")
             for k, s in r["median_s"].items():
                 print(f"  {k:<14} {s * 1e3:9.1f} ms  {r['x_gemm3'][k]:.3f}x gemm3")
             for t, kk in r["kept"].items():
@@ -200,6 +462,11 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.write_results:
+        write_results(results, args.out, args.curve)
+        print(f"wrote {os.path.join(args.out, 'RESULTS.md')} (section {BEGIN} ... {END}) and "
+              f"{os.path.join(args.out, RAW_NAME)}")
+    return results
 
 
 if __name__ == "__main__":

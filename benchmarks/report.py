@@ -213,6 +213,20 @@ def versions():
     return out
 
 
+def write_marked_section(path, begin, end, text):
+    """Replace the text between the markers ``begin`` and ``end`` in ``path`` (``text`` includes them)
+    with ``text``; append it at the end when the markers are absent. Nothing else in the file changes."""
+    old = open(path).read() if os.path.exists(path) else ""
+    if begin in old and end in old:
+        a = old.index(begin)
+        b = old.index(end) + len(end)
+        new = old[:a] + text + old[b:]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
 def _mib(b):
     if b is None:
         return "–"

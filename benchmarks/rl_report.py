@@ -494,16 +494,9 @@ def section(results):
 
 def write_section(results, path):
     """Replace the text between the markers (added at the end when absent); nothing else changes."""
-    text = open(path).read() if os.path.exists(path) else ""
-    new = section(results)
-    if BEGIN in text and END in text:
-        a = text.index(BEGIN)
-        b = text.index(END) + len(END)
-        text = text[:a] + new + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    from benchmarks import report as R
+
+    R.write_marked_section(path, BEGIN, END, section(results))
 
 
 # ---------------------------------------------------------------------------------------------
