@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -410,8 +411,14 @@ def write(results, out_md, plot_dir):
         tab = _table(c, results)
         if tab:
             L += [f"**N={c.n}, D={c.d}, V={c.v}, {c.dtype}**" + _load_note(c, results), ""] + tab + [""]
+    text = "\n".join(L).rstrip() + "\n"
+    # Sections other scripts write between their own markers (rl_report, grad_filter_bench) are kept.
+    if os.path.exists(out_md):
+        old = open(out_md).read()
+        for m in re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", old, flags=re.S):
+            text = text.rstrip("\n") + "\n\n" + m.group(0) + "\n"
     with open(out_md, "w") as f:
-        f.write("\n".join(L).rstrip() + "\n")
+        f.write(text)
 
 
 # ---------------------------------------------------------------------------------------------

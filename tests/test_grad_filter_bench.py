@@ -119,3 +119,21 @@ def test_quick_run_end_to_end(tmp_path):
 def test_quick_needs_out():
     with pytest.raises(SystemExit):
         G.main(["--quick", "--write-results"])
+
+
+def test_report_rewrite_keeps_marked_sections(tmp_path):
+    """benchmarks.report rewrites RESULTS.md from results.json: the sections that rl_report and
+    grad_filter_bench own (between their markers) survive it unchanged."""
+    from benchmarks import report as R
+
+    md = tmp_path / "RESULTS.md"
+    rl = "<!-- rl-objectives:begin -->\n## RL\n\n| a | 1.5 |\n<!-- rl-objectives:end -->"
+    gf = "<!-- grad-filter:begin -->\n## Gradient filtering\n\nx 0.702\n<!-- grad-filter:end -->"
+    md.write_text("# old report\n\nold table\n\n" + rl + "\n\n" + gf + "\n")
+    R.write({"quick": True}, str(md), str(tmp_path / "plots"))
+    text = md.read_text()
+    assert "old table" not in text and text.startswith("# Benchmark results")
+    assert text.count(rl) == 1 and text.count(gf) == 1
+    assert text.index(rl) < text.index(gf)
+    R.write({"quick": True}, str(md), str(tmp_path / "plots"))  # a second rewrite adds nothing
+    assert md.read_text() == text
