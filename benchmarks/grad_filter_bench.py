@@ -41,6 +41,7 @@ import time
 import torch
 
 import tiedkernels as tk
+from benchmarks import report as R
 from tiedkernels import functional as tkf
 from tiedkernels._torch_backend import _cpu_lacks_lowp_gemm, filter_keep
 
@@ -48,7 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BEGIN, END = "<!-- grad-filter:begin -->", "<!-- grad-filter:end -->"
 RAW_NAME = "results_grad_filter.json"
 CURVE = os.path.join(HERE, "grad_filter_curve.json")
-ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+ISA_FLAGS = R.ISA_FLAGS
 
 SHAPES = ((2048, 1024, 32768), (4096, 512, 50257))
 QUICK_SHAPES = ((512, 256, 4096),)
@@ -139,29 +140,14 @@ def fused(h, w, y, grad_filter):
 
 
 def machine():
-    """CPU model, core count and the flags that decide the GEMM paths (from /proc/cpuinfo)."""
-    cpu, flags = None, None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key == "model name" and cpu is None:
-                    cpu = val.strip()
-                elif key == "flags" and flags is None:
-                    flags = set(val.split())
-    except OSError:
-        pass
-    return {"cpu": cpu or platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "flags": {x: x in (flags or ()) for x in ISA_FLAGS}}
-
-
-def loadavg():
-    return [round(x, 2) for x in os.getloadavg()]
+    """CPU model, core count and the flags that decide the GEMM paths (report.machine's reading)."""
+    m = R.machine()
+    have = set(m["isa"].split())
+    return {"cpu": m["cpu"], "cores": m["cores"], "flags": {x: x in have for x in ISA_FLAGS}}
 
 
 def measure(shape, dtype, source, rounds, thresholds, split=None):
-    load_start = loadavg()
+    load_start = R.loadavg()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     h, w, y, split = load(shape, dtype, source, split)
     n, d, v = shape
@@ -204,7 +190,7 @@ def measure(shape, dtype, source, rounds, thresholds, split=None):
             else str(dtype).replace("torch.", ""),
             "median_s": med, "x_gemm3": {k: med[k] / med["gemm3"] for k in med}, "kept": kept, "checks": checks,
             "machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "date": date, "load_start": load_start, "load_end": loadavg()}
+            "date": date, "load_start": load_start, "load_end": R.loadavg()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +370,6 @@ def write_results(results, out, curve_path=CURVE):
 
 def render(out, curve_path=CURVE, results=None):
     """Write the section into ``out/RESULTS.md`` from ``results`` (default: ``out/results_grad_filter.json``)."""
-    from benchmarks import report as R
-
     if results is None:
         raw = os.path.join(out, RAW_NAME)
         results = []

@@ -77,6 +77,7 @@ def train(label, grad_filter, start, ids, held, config, args, stand_in, log):
     import torch
 
     import tiedkernels.hf as tkhf
+    from benchmarks import workload as W
     from tiedkernels.hf import demo
 
     torch.manual_seed(args.seed)
@@ -106,21 +107,14 @@ def train(label, grad_filter, start, ids, held, config, args, stand_in, log):
         losses.append(out.loss.item())
         if step % args.probe_every == 0 or step == args.steps - 1:
             with torch.no_grad():
-                h = caught["h"][:, :-1].reshape(-1, caught["h"].shape[-1]).double()
-                y = x[:, 1:].reshape(-1)
-                dz = torch.softmax(h @ weight.detach().double().T, dim=-1)
-                dz[torch.arange(y.numel()), y] -= 1
-                dz = dz.abs()
+                h = caught["h"][:, :-1].reshape(-1, caught["h"].shape[-1])
+                dz = W.grad_logits(h, weight.detach(), x[:, 1:].reshape(-1))
                 kept, dropped = {}, {}
                 for name, t in args.filters.items():
-                    per, lost = [], 0.0
-                    for s in range(0, dz.shape[0], args.chunk):
-                        col = dz[s:s + args.chunk].amax(0) > numeric(t)
-                        per.append(col.sum().item())
-                        lost += dz[s:s + args.chunk][:, ~col].sum().item()
+                    per = W.kept_columns(dz, args.chunk, numeric(t))
                     kept[name] = sum(per) / len(per) / dz.shape[1]
                     # Σ_j |dz_ij| over the left-out columns, mean over rows (a row's total is at most 2)
-                    dropped[name] = lost / dz.shape[0]
+                    dropped[name] = W.dropped_mass(dz, args.chunk, numeric(t))
             probes.append({"step": step, "kept": kept, "dropped_mass_per_row": dropped})
         if log and (step % max(1, args.steps // 10) == 0 or step == args.steps - 1):
             log(f"{label:>14}: step {step:>4}/{args.steps}  loss {losses[-1]:.5f}  "

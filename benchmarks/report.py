@@ -168,6 +168,10 @@ def run_memory(cases, results, log, jobs=2, kinds=MEMORY_KINDS, save=None):
 # writing
 
 
+# the CPU flags that decide the GEMM paths (native bf16 GEMMs or the fp32 tiles)
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def machine():
     cpu = platform.processor()
     try:
@@ -187,7 +191,7 @@ def machine():
     try:
         with open("/proc/cpuinfo") as f:
             have = set(f.read().split())
-        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in have)
+        flags = " ".join(x for x in ISA_FLAGS if x in have)
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_gib, 1), "isa": flags}

@@ -115,7 +115,7 @@ def chunk_rows(n, v, chunk_size=None, d=None, itemsize=4, dw=False):
     half the bytes of the fp32 dW accumulator (``D/2`` rows in fp32, ``D`` in bf16), which keeps the dW
     GEMM's inner dimension in the hundreds (its [V, D] output is read and written once per chunk).
     A low-precision call on the compiled CPU backend that computes dW takes one chunk when its logits
-    cost no more than the fp32 accumulator that backend then does without; an fp32 one takes at least
+    cost no more than the fp32 accumulator that backend then does without; an fp32 (or fp64) one takes at least
     CPU_DW_CHUNK_ROWS rows when D >= CPU_DW_CHUNK_ROWS (logits at most the size of dW there). At least
     MIN_CHUNK_ROWS rows."""
     if chunk_size is not None:
