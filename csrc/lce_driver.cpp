@@ -11,12 +11,27 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 namespace tiedkernels {
+
+// MKL's GEMMs of bf16 / fp16 operands with fp32 products, fp32 sums and an fp32 output
+// (c = alpha a b + beta c), exported by PyTorch's x86-64 CPU builds, which link MKL in. They run on
+// AMX or AVX512-BF16/FP16 where the CPU has them and convert in their own packing elsewhere. Weak:
+// null where the torch build has no MKL (then cpu_mm takes its fp32 tiles). The int arguments are
+// MKL's LP64 MKL_INT and its CBLAS enums.
+extern "C" {
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const void* a, int lda, const void* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                          const void* a, int lda, const void* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+}
 
 namespace {
 
@@ -40,7 +55,8 @@ void advise_huge_pages(const at::Tensor& t) {
 #endif
 }
 
-// Tests only (set_cpu_lowp_gemm_path): -1 the CPU decides, 0 ATen's own GEMM, 1 the fp32 tiles.
+// Tests only (set_cpu_lowp_gemm_path): -1 the CPU decides, 0 ATen's own GEMM, 1 the fp32 tiles,
+// 2 MKL's mixed-precision GEMM for every low-precision GEMM.
 std::atomic<int> lowp_gemm_path{-1};
 
 // Gradient filter: bytes of gathered weight rows (and of the fp32 dW part) per GEMM of the
@@ -156,10 +172,56 @@ void add_rows(const at::Tensor& acc, const at::Tensor& idx, const at::Tensor& pa
   });
 }
 
+using MixedGemm = void (*)(int, int, int, int, int, int, float, const void*, int, const void*, int, float, float*,
+                           int);
+
+MixedGemm mixed_gemm_for(at::ScalarType t) {
+  return t == at::kBFloat16 ? &cblas_gemm_bf16bf16f32 : t == at::kHalf ? &cblas_gemm_f16f16f32 : nullptr;
+}
+
+// A [rows, cols] operand as MKL reads it: row-major, transposed or not, with its leading dimension.
+struct MklOperand {
+  at::Tensor t;
+  int trans;
+  int64_t ld;
+};
+
+MklOperand mkl_operand(const at::Tensor& x) {
+  constexpr int kNoTrans = 111, kTrans = 112;
+  const int64_t r = x.size(0), c = x.size(1);
+  if (x.stride(1) == 1 && x.stride(0) >= std::max<int64_t>(1, c)) return {x, kNoTrans, x.stride(0)};
+  if (x.stride(0) == 1 && x.stride(1) >= std::max<int64_t>(1, r)) return {x, kTrans, x.stride(1)};
+  auto y = x.contiguous();
+  return {y, kNoTrans, std::max<int64_t>(1, c)};
+}
+
+// c [m, n] (fp32, unit column stride) = a [m, k] b [k, n] + beta c through MKL's mixed GEMM: fp32
+// products of the low-precision values (exact) summed in fp32. False where this cannot run (no
+// MKL in this torch build, sizes past MKL's 32-bit ints, a c with strided columns): the caller
+// takes its fp32 tiles then.
+bool mixed_gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, float beta) {
+  const MixedGemm fn = mixed_gemm_for(a.scalar_type());
+  if (fn == nullptr || b.scalar_type() != a.scalar_type() || c.scalar_type() != at::kFloat) return false;
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (c.stride(1) != 1 || c.stride(0) < std::max<int64_t>(1, n)) return false;
+  const auto x = mkl_operand(a), y = mkl_operand(b);
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  for (const int64_t s : {m, n, k, x.ld, y.ld, c.stride(0)}) {
+    if (s > kMax) return false;
+  }
+  constexpr int kRowMajor = 101;
+  fn(kRowMajor, x.trans, y.trans, static_cast<int>(m), static_cast<int>(n), static_cast<int>(k), 1.0f,
+     x.t.data_ptr(), static_cast<int>(x.ld), y.t.data_ptr(), static_cast<int>(y.ld), beta,
+     c.data_ptr<float>(), static_cast<int>(c.stride(0)));
+  return true;
+}
+
 }  // namespace
 
 int set_cpu_lowp_gemm_path(int path) {
-  TORCH_CHECK(path >= -1 && path <= 1, "tiedkernels: the low-precision GEMM path is -1, 0 or 1, not ", path);
+  TORCH_CHECK(path >= -1 && path <= 2, "tiedkernels: the low-precision GEMM path is -1, 0, 1 or 2, not ", path);
+  TORCH_CHECK(path != 2 || cpu_mixed_gemm_available(at::kBFloat16),
+              "tiedkernels: this torch build has no MKL mixed-precision GEMM (cblas_gemm_bf16bf16f32)");
   return lowp_gemm_path.exchange(path);
 }
 
@@ -169,7 +231,7 @@ bool cpu_lowp_gemm_is_slow(at::ScalarType t) {
   // [N, V] x [V, D] layout of dh, 6 to 30 times on the others).
   if (t != at::kBFloat16 && t != at::kHalf) return false;
   const int forced = lowp_gemm_path.load();
-  if (forced >= 0) return forced == 1;
+  if (forced >= 0) return forced != 0;
   static const std::array<bool, 2> slow = [] {
     const auto caps = at::cpu::get_cpu_capabilities();
     auto has = [&](const char* k) {
@@ -180,6 +242,8 @@ bool cpu_lowp_gemm_is_slow(at::ScalarType t) {
   }();
   return t == at::kBFloat16 ? slow[0] : t == at::kHalf ? slow[1] : false;
 }
+
+bool cpu_mixed_gemm_available(at::ScalarType t) { return mixed_gemm_for(t) != nullptr; }
 
 void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate,
             const c10::optional<at::Tensor>& bias) {
@@ -212,6 +276,46 @@ void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool 
       }
     }
     return;
+  }
+  // MKL's mixed GEMM where the CPU has bf16/fp16 instructions (AMX, AVX512-BF16/FP16), which it
+  // runs on: an fp32 c (dW summed over chunks, exact logits) at the speed of a native GEMM, where
+  // the fp32 tiles would run at fp32's. Without them MKL converts to fp32 in its packing, no faster
+  // than the tiles (timed on an AVX2 CPU: 0.8-1.2 times their time per GEMM), so the tiles stay.
+  const int forced = lowp_gemm_path.load();
+  const bool mixed = mixed_gemm_for(a.scalar_type()) != nullptr &&
+                     (forced == 2 || (forced != 1 && !cpu_lowp_gemm_is_slow(a.scalar_type())));
+  if (mixed) {
+    // No fp32 copy of either operand. Into an fp32 c directly (the bias, if any, written first and
+    // summed in by beta); into a low-precision c through an fp32 tile of about kDwTileBytes along
+    // its longer side, rounded once.
+    auto run = [&](const at::Tensor& out, const at::Tensor& x, const at::Tensor& y, const at::Tensor& b32,
+                   bool acc) {
+      if (!acc && b32.defined()) out.copy_(b32.expand({out.size(0), out.size(1)}));
+      return mixed_gemm(out, x, y, acc || b32.defined() ? 1.0f : 0.0f);
+    };
+    bool done = true;
+    if (c32) {
+      done = run(c, a, b, bias32, accumulate);
+    } else if (m >= n) {
+      const int64_t t = std::max<int64_t>(1, kDwTileBytes / (n * 4));
+      auto tmp = at::empty({std::min(t, m), n}, c.options().dtype(f));
+      for (int64_t i = 0; i < m && done; i += t) {
+        const int64_t r = std::min(t, m - i);
+        auto o = tmp.narrow(0, 0, r);
+        done = run(o, a.narrow(0, i, r), b, bias32, false);
+        if (done) c.narrow(0, i, r).copy_(o);
+      }
+    } else {
+      const int64_t t = std::max<int64_t>(1, kDwTileBytes / (m * 4));
+      auto tmp = at::empty({m, std::min(t, n)}, c.options().dtype(f));
+      for (int64_t j = 0; j < n && done; j += t) {
+        const int64_t r = std::min(t, n - j);
+        auto o = tmp.narrow(1, 0, r);
+        done = run(o, a, b.narrow(1, j, r), bias32.defined() ? bias32.narrow(0, j, r) : at::Tensor(), false);
+        if (done) c.narrow(1, j, r).copy_(o);
+      }
+    }
+    if (done) return;
   }
   auto store = [&](at::Tensor out, const at::Tensor& x32, const at::Tensor& y32, const at::Tensor& b32) {
     if (c32 && accumulate) {

@@ -73,14 +73,20 @@ LossResult lce_chunked(LossMode mode, const at::Tensor& hidden, const at::Tensor
 // (bf16 without AVX512-BF16/AMX, fp16 without AVX512-FP16/AMX): a scalar fallback there.
 bool cpu_lowp_gemm_is_slow(at::ScalarType t);
 
-// Tests only: take the fp32 tiles (1) or ATen's own GEMM (0) on any CPU, or let the CPU decide (-1,
-// the default), so that each path is tested on every machine. Returns the previous setting.
+// Whether this torch build exports MKL's mixed-precision GEMM for the dtype (bf16 or fp16 operands,
+// fp32 sums and output): x86-64 builds with MKL do.
+bool cpu_mixed_gemm_available(at::ScalarType t);
+
+// Tests only: take the fp32 tiles (1), ATen's own GEMM (0) or MKL's mixed GEMM for every
+// low-precision GEMM (2) on any CPU, or let the CPU decide (-1, the default), so that each path is
+// tested on every machine. Returns the previous setting.
 int set_cpu_lowp_gemm_path(int path);
 
 // CPU GEMM c = a @ b (+ bias, a [n] row added before the one rounding), or c += a @ b when
-// accumulate (c fp32). Low-precision operands go through fp32 in tiles where the CPU has no
-// native GEMM for them, or into an fp32 c (same values as a GEMM with fp32 accumulation);
-// otherwise ATen's own GEMM.
+// accumulate (c fp32). Low-precision operands into a c of their own dtype: ATen's own GEMM where
+// the CPU has native instructions for them, else fp32 tiles of the operands rounded once. Into an
+// fp32 c: MKL's mixed GEMM where the CPU has those instructions (it runs on them: fp32 products and
+// sums), else the fp32 tiles (the same values up to the order of the fp32 sums).
 void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool accumulate = false,
             const c10::optional<at::Tensor>& bias = c10::nullopt);
 

@@ -67,8 +67,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "tiedkernels compiled kernels";
   m.def("build_info", &build_info, "How this extension was built");
   m.def("_set_cpu_lowp_gemm_path", &tiedkernels::set_cpu_lowp_gemm_path,
-        "Tests only: bf16/fp16 CPU GEMMs through fp32 tiles (1), ATen (0) or as the CPU decides (-1)");
+        "Tests only: bf16/fp16 CPU GEMMs through fp32 tiles (1), ATen (0), MKL's mixed GEMM (2) or as "
+        "the CPU decides (-1)");
+  m.def("_cpu_mixed_gemm_available", [](bool bf16) {
+    return tiedkernels::cpu_mixed_gemm_available(bf16 ? at::kBFloat16 : at::kHalf);
+  }, "Whether this torch build has MKL's bf16 (or fp16) GEMM with fp32 output");
   m.def("_cpu_lowp_gemm_is_slow", [](bool bf16) {
     return tiedkernels::cpu_lowp_gemm_is_slow(bf16 ? at::kBFloat16 : at::kHalf);
-  }, "Whether bf16 (or fp16) CPU GEMMs take the fp32 tiles");
+  }, "Whether bf16 (or fp16) CPU GEMMs avoid ATen's own (the fp32 tiles or MKL's mixed GEMM)");
 }

@@ -8,7 +8,11 @@ give the fp32 GEMM of the upcast operands, rounded once: checked here against th
 entry, with shapes that make every tiling (along the rows, the columns, the reduction) take
 several tiles.  On a CPU with them (AVX512-BF16/FP16, AMX) both backends use ATen's GEMM, whose
 order of summation is its own: a logit rounded the other way is PyTorch's value there, not the
-tiles'.  Each path is forced here (set_cpu_lowp_gemm_path), so both are tested on every CPU.
+tiles'.  Where the output is fp32 (dW summed over chunks, exact logits) and the CPU has those
+instructions, the cpu backend takes MKL's mixed GEMM (bf16/fp16 operands, fp32 products and sums,
+fp32 output), which runs on them; the "mkl" path forces it for every low-precision GEMM of the cpu
+backend (the torch backend keeps its tiles).  Each path is forced here (set_cpu_lowp_gemm_path), so
+every one is tested on every CPU.
 """
 
 import contextlib
@@ -31,11 +35,22 @@ def _gemm_path(path):
         TB.set_cpu_lowp_gemm_path(previous)
 
 
-@pytest.fixture
-def tiles():
-    """The fp32 tiles, whatever this CPU's own bf16/fp16 instructions."""
-    with _gemm_path("tiles"):
-        yield
+def _has_mixed_gemm():
+    from tiedkernels import _ext
+
+    ext = _ext.load()
+    return ext is not None and ext._cpu_mixed_gemm_available(True) and ext._cpu_mixed_gemm_available(False)
+
+
+MIXED = pytest.param("mkl", marks=pytest.mark.skipif(not _has_mixed_gemm(), reason="this torch build has no MKL"))
+
+
+@pytest.fixture(params=["tiles", MIXED])
+def upcast(request):
+    """A path that sums fp32 products in fp32 whatever this CPU's own bf16/fp16 instructions: the
+    fp32 tiles, or MKL's mixed GEMM (the cpu backend; the torch backend takes its tiles there)."""
+    with _gemm_path(request.param):
+        yield request.param
 
 
 def _rounded_f32(a, b, bias=None):
@@ -87,7 +102,7 @@ SHAPES = [(1024, 10007, 512), (3, 10007, 512), (20000, 123, 64), (5, 7, 9000), (
 
 @pytest.mark.parametrize("n,v,d", SHAPES)
 @pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
-def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bias, tiles):
+def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bias, upcast):
     h, w, b, g = _inputs(n, v, d, low)
     bias = b if with_bias else None
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
@@ -100,8 +115,8 @@ def test_logits_op_is_the_fp32_gemm_rounded_once(backend, low, n, v, d, with_bia
 
 
 @pytest.mark.parametrize("chunk_size", [None, 256], ids=["one-chunk", "chunks"])
-def test_fused_loss_gemms_match_the_fp32_path(backend, low, chunk_size, tiles):
-    """The fused loss's dh and dW on the tiled path against the same algorithm in fp32 arithmetic
+def test_fused_loss_gemms_match_the_fp32_path(backend, low, chunk_size, upcast):
+    """The fused loss's dh and dW on the tiled (or MKL's mixed) path against the same algorithm in fp32 arithmetic
     on the upcast operands (dL/dz rounded once to the input dtype, as the driver does): the fp64
     reference checks of the rest of the suite bound the error; this pins the GEMMs themselves."""
     n, v, d = 1024, 10007, 512
@@ -143,7 +158,7 @@ def test_slow_gemm_detection_agrees_with_the_extension():
         slow = not any(caps.get(k) is True for k in keys)
         assert TB._cpu_gemm_is_slow(dtype) == slow
         assert ext._cpu_lowp_gemm_is_slow(dtype == torch.bfloat16) == slow
-        for path, want in (("tiles", True), ("native", False)):
+        for path, want in (("tiles", True), ("native", False)) + ((("mkl", True),) if _has_mixed_gemm() else ()):
             with _gemm_path(path):
                 assert TB._cpu_gemm_is_slow(dtype) == want
                 assert ext._cpu_lowp_gemm_is_slow(dtype == torch.bfloat16) == want
@@ -204,7 +219,7 @@ def test_native_path_is_atens_gemm(backend, low, with_bias):
         assert err <= 1.5 * base_err + 1e-6 * ref.norm(), (float(err), float(base_err))
 
 
-@pytest.mark.parametrize("path", ["tiles", "native"])
+@pytest.mark.parametrize("path", ["tiles", "native", MIXED])
 def test_dw_is_summed_in_fp32_across_chunks(backend, low, path):
     """dW of the fused loss over many chunks is one fp32 sum of every chunk's exact products, rounded
     once: as accurate as a stock model's single GEMM (fp32 accumulation inside it), on either GEMM
@@ -220,3 +235,39 @@ def test_dw_is_summed_in_fp32_across_chunks(backend, low, path):
     (_, _, sw), (_, _, ew) = _stock_and_exact(h, w, labels)
     err, base = float((dw.double() - ew).norm()), float((sw.double() - ew).norm())
     assert err <= 1.1 * base, f"dW RMS error {err / base:.2f} times a stock model's"
+
+
+def test_mixed_gemm_is_there_on_x86_mkl_builds():
+    """PyTorch's x86-64 builds with MKL export its mixed-precision GEMMs, which the cpu backend needs
+    to sum dW on a CPU's bf16/fp16 instructions; without them it falls back to the fp32 tiles."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64") or not torch.backends.mkl.is_available():
+        pytest.skip("not an x86-64 torch build with MKL")
+    assert _has_mixed_gemm()
+
+
+@pytest.mark.skipif(not _has_mixed_gemm(), reason="this torch build has no MKL")
+@pytest.mark.parametrize("grad_filter", [None, 1e-3], ids=["exact", "filter"])
+def test_every_option_on_the_mixed_gemm_agrees_with_the_tiles(low, grad_filter):
+    """The cpu backend's fused loss with a bias and a softcap (fp32 logits into an fp32 c, the bias
+    summed in by the GEMM), many chunks (dW accumulated) and the gradient filter (kept columns'
+    fp32 parts, dh summed over tiles): MKL's mixed GEMM against the fp32 tiles, which sum the same
+    exact products in another order."""
+    n, v, d = 300, 1031, 96
+    h, w, b, _ = _inputs(n, v, d, low, seed=7)
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(8))
+    labels[::9] = -100
+    out = {}
+    for path in ("tiles", "mkl"):
+        with _gemm_path(path):
+            hr, wr, br = (t.clone().requires_grad_() for t in (h, w, b))
+            loss = tk.linear_cross_entropy(hr, wr, labels, bias=br, softcap=20.0, chunk_size=64, backend="cpu",
+                                           grad_filter=grad_filter)
+            out[path] = (loss.detach(), *torch.autograd.grad(loss, [hr, wr, br]))
+    ref_loss = out["tiles"][0].double()
+    assert abs(float(out["mkl"][0].double() - ref_loss)) <= 1e-5 * abs(float(ref_loss))
+    for got, want in zip(out["mkl"][1:], out["tiles"][1:]):
+        err = (got.float() - want.float()).abs()
+        bound = 2 * torch.finfo(low).eps * want.float().abs() + 1e-3 * want.float().abs().max()
+        assert bool((err <= bound).all()), f"max error {float((err / bound).max())} of the bound"

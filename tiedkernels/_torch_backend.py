@@ -42,18 +42,21 @@ def check_index_range(x, n, what, ignore_index=None):
     return _index_check._DONE, None
 
 
-# Tests only (set_cpu_lowp_gemm_path): None lets the CPU decide; "tiles" or "native" forces a path.
+# Tests only (set_cpu_lowp_gemm_path): None lets the CPU decide; "tiles", "native" or "mkl" forces a path.
 _LOWP_GEMM_PATH = None
 
 
 def set_cpu_lowp_gemm_path(path):
     """Tests only: bf16/fp16 CPU GEMMs of the cpu and torch backends through fp32 tiles ("tiles"),
-    ATen's own GEMM ("native"), or as the CPU decides (None, the default), so that each path can be
-    tested on any CPU. Returns the previous setting."""
+    ATen's own GEMM ("native"), MKL's mixed-precision GEMM in the cpu backend ("mkl": the torch
+    backend takes the tiles then), or as the CPU decides (None, the default), so that each path can
+    be tested on any CPU. Returns the previous setting."""
     global _LOWP_GEMM_PATH
-    codes = {None: -1, "native": 0, "tiles": 1}
+    codes = {None: -1, "native": 0, "tiles": 1, "mkl": 2}
     if path not in codes:
-        raise ValueError(f"tiedkernels: the low-precision GEMM path is None, 'native' or 'tiles', not {path!r}")
+        raise ValueError(
+            f"tiedkernels: the low-precision GEMM path is None, 'native', 'tiles' or 'mkl', not {path!r}"
+        )
     from . import _ext
 
     ext = _ext.load()
@@ -67,7 +70,7 @@ def _cpu_gemm_is_slow(dtype):
     """Whether bf16/fp16 CPU GEMMs take the fp32 tiles (_mm): where the CPU has no native GEMM for
     the dtype, unless a test forced a path (set_cpu_lowp_gemm_path)."""
     if _LOWP_GEMM_PATH is not None:
-        return _LOWP_GEMM_PATH == "tiles"
+        return _LOWP_GEMM_PATH != "native"
     return _cpu_lacks_lowp_gemm(dtype)
 
 
