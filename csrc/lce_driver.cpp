@@ -280,7 +280,7 @@ void cpu_mm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, bool 
   // MKL's mixed GEMM where the CPU has bf16/fp16 instructions (AMX, AVX512-BF16/FP16), which it
   // runs on: an fp32 c (dW summed over chunks, exact logits) at the speed of a native GEMM, where
   // the fp32 tiles would run at fp32's. Without them MKL converts to fp32 in its packing, no faster
-  // than the tiles (timed on an AVX2 CPU: 0.8-1.2 times their time per GEMM), so the tiles stay.
+  // than the tiles (timed on an AVX2 CPU: 1.0-1.25 times their time per GEMM), so the tiles stay.
   const int forced = lowp_gemm_path.load();
   const bool mixed = mixed_gemm_for(a.scalar_type()) != nullptr &&
                      (forced == 2 || (forced != 1 && !cpu_lowp_gemm_is_slow(a.scalar_type())));
