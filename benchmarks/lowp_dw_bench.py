@@ -14,13 +14,13 @@ every run's loss and gradients are checked against that step's first.
 """
 
 import argparse
-import platform
 import statistics
 import time
 
 import torch
 
 import tiedkernels as tk
+from benchmarks import report as R
 from tiedkernels import _torch_backend as TB
 
 PATHS = ("auto", "tiles", "mkl")
@@ -86,10 +86,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     n, d, v = (256, 64, 1000) if args.quick else tuple(int(x) for x in args.shape.split(","))
     rounds = 1 if args.quick else args.rounds
-    caps = torch._C._cpu._get_cpu_capability()
-    flags = [k for k in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16", "avx512_fp16", "amx_fp16") if caps.get(k) is True]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, CPU flags: {' '.join(flags) or 'none of note'}")
+    m = R.machine()
+    print(f"# {m['cpu']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"CPU flags: {m['isa'] or 'none of note'}")
     print(f"# N={n} D={d} V={v} {args.dtype}, median of {rounds} interleaved rounds")
     res = measure(n, d, v, getattr(torch, args.dtype), args.chunks, rounds)
     for k, r in res.items():
