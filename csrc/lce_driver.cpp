@@ -214,7 +214,7 @@ bool mixed_gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, f
 // a fresh 512 MiB fp32 dW (V=131072, D=1024, 512 rows) took 1.7-2.1 s into advised, untouched
 // pages and 0.85-1.05 s into populated ones. Populating costs 45-55 ms per 512 MiB while the freed
 // memory is still backed; on a VM whose host takes freed memory back (free page reporting) it
-// costs as much as the stall did, where 4 KiB pages fault in 0.15-0.2 s. Over the report's fp32
+// costs as much as the stall did, where 4 KiB pages fault in 0.15-0.21 s. Over the report's fp32
 // shapes, in rounds seconds apart on such a VM, the fused step took 1.02-1.16x the three GEMMs
 // advised and populated, 1.05-1.18x on 4 KiB pages, 1.08-1.35x advised only. Only whole pages
 // inside the buffer are advised or populated, so resident memory does not grow; the content is
