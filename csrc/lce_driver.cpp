@@ -44,6 +44,46 @@ at::ScalarType stat_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDou
 // no GEMM with an fp32 output from low-precision inputs here), and of cpu_mm's fp32 tiles.
 constexpr int64_t kDwTileBytes = 8LL << 20;
 
+// A fresh CPU buffer of many MiB (the chunk's logits, dW, dh) is advised to 2 MiB pages and
+// faulted in here, in 32 MiB ranges across the threads (MADV_POPULATE_WRITE, Linux 5.14+; without
+// it the GEMM faults the pages in itself), before a GEMM writes it. Left to the GEMM, the faults
+// land inside its tiled writes and stall it: on 2 threads MKL's sgemm writing a fresh 512 MiB fp32
+// dW (V=131072, D=1024, 512 rows) took 1.7-2.1 s into advised, untouched pages and 0.85-1.05 s into
+// populated ones. Populating costs 45-55 ms per 512 MiB while the freed memory is still backed; on
+// a VM whose host takes freed memory back (free page reporting) it can cost as much as the stall
+// did, where 4 KiB pages fault in 0.15-0.21 s. Over the report's fp32 shapes on such a VM, in
+// rounds seconds apart, the fused step took 1.02-1.16x the three GEMMs advised and populated,
+// 1.05-1.26x on 4 KiB pages, 1.08-1.35x advised only. Only whole pages inside the buffer are
+// advised or populated, so resident memory does not grow; the content is left undefined: every
+// buffer here is written before it is read. The logits op's output, a tensor the caller keeps, is
+// left to 4 KiB pages: populated huge pages cost it more than they saved there (N=2048, D=1024,
+// V=32768, calls 0.5 s apart: 1.42-1.45x its GEMM against 1.03-1.11x).
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+void prepare_fresh(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20, kPage = 4096;
+  if (!t.defined() || !t.is_cpu() || t.nbytes() < 4 * kHuge) return;
+  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
+  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  // Whole pages inside the buffer, in 32 MiB ranges.
+  const uintptr_t pb = (p + kPage - 1) & ~(kPage - 1), pe = (p + t.nbytes()) & ~(kPage - 1);
+  constexpr int64_t kRange = 32 << 20;
+  const int64_t ranges = static_cast<int64_t>((pe - pb + kRange - 1) / kRange);
+  static std::atomic<bool> unsupported{false};
+  if (pe <= pb || unsupported.load(std::memory_order_relaxed)) return;
+  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
+    const uintptr_t s = pb + static_cast<uintptr_t>(r0) * kRange;
+    const uintptr_t f = std::min<uintptr_t>(pe, pb + static_cast<uintptr_t>(r1) * kRange);
+    if (madvise(reinterpret_cast<void*>(s), f - s, MADV_POPULATE_WRITE) != 0 && errno == EINVAL) {
+      unsupported.store(true, std::memory_order_relaxed);
+    }
+  });
+#endif
+}
+
 // Tests only (set_cpu_lowp_gemm_path): -1 the CPU decides, 0 ATen's own GEMM, 1 the fp32 tiles,
 // 2 MKL's mixed-precision GEMM for every low-precision GEMM.
 std::atomic<int> lowp_gemm_path{-1};
@@ -206,44 +246,6 @@ bool mixed_gemm(const at::Tensor& c, const at::Tensor& a, const at::Tensor& b, f
 }
 
 }  // namespace
-
-// A fresh CPU buffer of many MiB (the chunk's logits, dW, dh, the logits op's outputs) is advised
-// to 2 MiB pages and faulted in here, in 32 MiB ranges across the threads (MADV_POPULATE_WRITE,
-// Linux 5.14+; without it the GEMM faults the pages in itself), before a GEMM writes it. Left to
-// the GEMM, the faults land inside its tiled writes and stall it: on 2 threads MKL's sgemm writing
-// a fresh 512 MiB fp32 dW (V=131072, D=1024, 512 rows) took 1.7-2.1 s into advised, untouched
-// pages and 0.85-1.05 s into populated ones. Populating costs 45-55 ms per 512 MiB while the freed
-// memory is still backed; on a VM whose host takes freed memory back (free page reporting) it
-// costs as much as the stall did, where 4 KiB pages fault in 0.15-0.21 s. Over the report's fp32
-// shapes, in rounds seconds apart on such a VM, the fused step took 1.02-1.16x the three GEMMs
-// advised and populated, 1.05-1.18x on 4 KiB pages, 1.08-1.35x advised only. Only whole pages
-// inside the buffer are advised or populated, so resident memory does not grow; the content is
-// left undefined: every buffer here is written before it is read.
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-void prepare_fresh(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = 2u << 20, kPage = 4096;
-  if (!t.defined() || !t.is_cpu() || t.nbytes() < 4 * kHuge) return;
-  const auto p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1), e = (p + t.nbytes()) & ~(kHuge - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-  // Whole pages inside the buffer, in 32 MiB ranges.
-  const uintptr_t pb = (p + kPage - 1) & ~(kPage - 1), pe = (p + t.nbytes()) & ~(kPage - 1);
-  constexpr int64_t kRange = 32 << 20;
-  const int64_t ranges = static_cast<int64_t>((pe - pb + kRange - 1) / kRange);
-  static std::atomic<bool> unsupported{false};
-  if (pe <= pb || unsupported.load(std::memory_order_relaxed)) return;
-  at::parallel_for(0, ranges, 1, [&](int64_t r0, int64_t r1) {
-    const uintptr_t s = pb + static_cast<uintptr_t>(r0) * kRange;
-    const uintptr_t f = std::min<uintptr_t>(pe, pb + static_cast<uintptr_t>(r1) * kRange);
-    if (madvise(reinterpret_cast<void*>(s), f - s, MADV_POPULATE_WRITE) != 0 && errno == EINVAL) {
-      unsupported.store(true, std::memory_order_relaxed);
-    }
-  });
-#endif
-}
 
 int set_cpu_lowp_gemm_path(int path) {
   TORCH_CHECK(path >= -1 && path <= 2, "tiedkernels: the low-precision GEMM path is -1, 0, 1 or 2, not ", path);

@@ -82,10 +82,6 @@ bool cpu_mixed_gemm_available(at::ScalarType t);
 // tested on every machine. Returns the previous setting.
 int set_cpu_lowp_gemm_path(int path);
 
-// Advise a fresh CPU buffer of many MiB to huge pages and fault it in before a GEMM writes it
-// (its content is left undefined); smaller buffers and other devices are left as they are.
-void prepare_fresh(const at::Tensor& t);
-
 // CPU GEMM c = a @ b (+ bias, a [n] row added before the one rounding), or c += a @ b when
 // accumulate (c fp32). Low-precision operands into a c of their own dtype: ATen's own GEMM where
 // the CPU has native instructions for them, else fp32 tiles of the operands rounded once. Into an

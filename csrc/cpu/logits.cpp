@@ -16,7 +16,6 @@ at::Tensor logits_fwd_cpu(const at::Tensor& hidden, const at::Tensor& weight, co
               " does not match weight ", weight.sizes());
   auto h2 = hidden.reshape({-1, hidden.size(-1)});
   auto z = at::empty({h2.size(0), weight.size(0)}, hidden.options());
-  prepare_fresh(z);
   cpu_mm(z, h2, weight.t(), /*accumulate=*/false, bias);
   if (logit_scale != 1.0 || softcap > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "tiedkernels_logits_fwd", [&] {
@@ -49,7 +48,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_bwd_cpu(const at::Tensor& 
   at::Tensor dz = g;
   if (logit_scale != 1.0 || softcap > 0) {
     dz = at::empty_like(g);
-    prepare_fresh(dz);
     auto z = logits.reshape({-1, v}).contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "tiedkernels_logits_bwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -72,7 +70,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logits_bwd_cpu(const at::Tensor& 
   }
   auto mm = [&](const at::Tensor& a, const at::Tensor& b) {
     auto out = at::empty({a.size(0), b.size(1)}, a.options());
-    prepare_fresh(out);
     cpu_mm(out, a, b);
     return out;
   };
