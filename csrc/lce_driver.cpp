@@ -49,7 +49,7 @@ constexpr int64_t kDwTileBytes = 8LL << 20;
 // it the GEMM faults the pages in itself), before a GEMM writes it. Left to the GEMM, the faults
 // land inside its tiled writes and stall it: on 2 threads MKL's sgemm writing a fresh 512 MiB fp32
 // dW (V=131072, D=1024, 512 rows) took 1.7-2.1 s into advised, untouched pages and 0.85-1.05 s into
-// populated ones. Populating costs 45-55 ms per 512 MiB while the freed memory is still backed; on
+// populated ones. Populating costs 43-56 ms per 512 MiB while the freed memory is still backed; on
 // a VM whose host takes freed memory back (free page reporting) it can cost as much as the stall
 // did, where 4 KiB pages fault in 0.15-0.21 s. Over the report's fp32 shapes on such a VM, in
 // rounds seconds apart, the fused step took 1.02-1.16x the three GEMMs advised and populated,
