@@ -19,7 +19,9 @@ chained through the temperature, the cap and the scale, and the chunk's ``dh = d
 ``dW += dzᵀ h`` (one fp32 accumulator for low-precision inputs) and ``db += Σ_i dz_i``. Where the
 coefficients are known once the chunk's statistics are (a token-local objective), they come from a
 callback in the same pass: three GEMMs of the chunk, 6·N·D·V flops for the step. The ``[N, V]``
-logits never exist; a chunk's do, in fp32.
+logits never exist; a chunk's do, in fp32. With the gradient filter on (a threshold ``t > 0``), a
+column whose ``|dL/dz_ij|`` (after the chain) is at most ``t · s_i`` in every row of the chunk, with
+``s_i = |A_i| + |B_i| + |C_i|``, is left out of the chunk's ``dh`` and ``dW`` GEMMs (``Grads.add``).
 
 Plain PyTorch on every device: the GEMMs go to MKL/oneDNN or cuBLAS (low-precision CPU GEMMs
 without native instructions through the fp32 tiles of the torch backend); the row work is a few
@@ -93,7 +95,7 @@ def label_logits(z, y, keep):
 class Grads:
     """The chunk GEMMs' outputs: dh [N, D], the fp32 dW accumulator, db."""
 
-    def __init__(self, hidden, weight, bias, want):
+    def __init__(self, hidden, weight, bias, want, grad_filter=0.0):
         n, d = hidden.shape
         v = weight.shape[0]
         self.want_dh, self.want_dw, self.want_db = want[0], want[1], want[2] and bias is not None
@@ -102,11 +104,27 @@ class Grads:
         self.dh = hidden.new_empty((n, d)) if self.want_dh else None
         self.dw = weight.new_zeros((v, d), dtype=sdt) if self.want_dw else None
         self.db = weight.new_zeros((v,), dtype=sdt) if self.want_db else None
+        self.grad_filter = float(grad_filter)  # the threshold t (0: exact)
+        self.kept = []  # with the filter on: the columns each chunk kept (read by tests and benchmarks)
 
-    def add(self, dz, start, rows):
-        """The chunk's dz [rows, V] (statistics dtype) into dh, dW and db."""
+    def add(self, dz, start, rows, scale=None):
+        """The chunk's dz [rows, V] (statistics dtype) into dh, dW and db. With the gradient filter on,
+        ``scale`` [rows] is each row's s_i: a column with |dz_ij| <= t·s_i in every row is left out of
+        the dh and dW GEMMs (``_torch_backend.filter_keep``, the rule of ``linear_cross_entropy``)."""
         hc = self.hidden[start:start + rows]
         dzl = dz.to(self.hidden.dtype)
+        if self.want_db:
+            self.db += dzl.sum(0, dtype=self.sdt)  # exact: every column
+        if not (self.want_dh or self.want_dw):
+            return
+        if self.grad_filter > 0 and scale is not None and dzl.shape[1] > 0:
+            idx = _tb.filter_keep(dzl, scale * self.grad_filter).nonzero().squeeze(1)  # a host sync on a GPU
+            self.kept.append(int(idx.shape[0]))
+            if idx.shape[0] < dzl.shape[1]:
+                sdt = self.sdt
+                _tb.filtered_gemms(dzl, hc, self.weight, idx, self.dh[start:start + rows] if self.want_dh else None,
+                                   self.dw if self.want_dw else None, _tb._mm, lambda a, b: a.to(sdt) @ b.to(sdt))
+                return
         if self.want_dh:
             self.dh[start:start + rows] = _tb._mm(dzl, self.weight)
         if self.want_dw:
@@ -116,14 +134,22 @@ class Grads:
                 torch.addmm(self.dw, dzl.t(), hc, out_dtype=self.sdt, out=self.dw)
             else:  # the rounded dz (as the GEMMs of the other backends see it), summed in fp32
                 self.dw.addmm_(dzl.t().to(self.sdt), hc.to(self.sdt))
-        if self.want_db:
-            self.db += dzl.sum(0, dtype=self.sdt)
 
     def result(self):
         w = self.weight
         dw = self.dw.to(w.dtype) if self.dw is not None else None
         db = self.db.to(w.dtype) if self.db is not None else None
         return self.dh, dw, db
+
+
+def row_scale(a, b, c):
+    """The gradient filter's s_i for the coefficients (a, b, c) of (logp, H, lse): |a_i| + |b_i| + |c_i|
+    (None terms left out). For the cross-entropy (a = -g) it is the |g_i| of ``linear_cross_entropy``'s rule."""
+    s = None
+    for x in (a, b, c):
+        if x is not None:
+            s = x.abs() if s is None else s + x.abs()
+    return s
 
 
 def logits_grad(z, p, s, y, keep, a, b, c):
@@ -208,7 +234,7 @@ def run(lg, y, keep, chunk, coef_fn=None, grads=None, want_pred=False):
         if a is None and b is None and c is None:
             continue
         dz = _grad_in_place(z, shift, se, s, yc, kc, a, b, c, tiles)
-        grads.add(lg.chain(dz, t, start, rows), start, rows)
+        grads.add(lg.chain(dz, t, start, rows), start, rows, row_scale(a, b, c) if grads.grad_filter > 0 else None)
     return logp, ent, lse, (pred if want_pred else None)
 
 

@@ -135,15 +135,17 @@ def _pass(call, teacher, beta, inv_t, alpha, w, g, grads, ent=None):
         dz = dzs.mul_(((1 - alpha) * inv_t) * wc[:, None])
         if alpha > 0:
             dz += _token_pass.logits_grad(z, p, None, yc, kc, -alpha * wc, None, None)
-        grads.add(lg.chain(dz, tcap, start, rows), start, rows)
+        # the gradient filter's s_i: the row's weight on its two probability differences
+        scale = wc.abs() * ((1 - alpha) * inv_t + alpha) if grads.grad_filter > 0 else None
+        grads.add(lg.chain(dz, tcap, start, rows), start, rows, scale)
     return div, ce
 
 
 class _Distill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h2, weight, bias, call, teacher, opts, w, g_scalar_mode, ent):
-        beta, inv_t, alpha, want = opts
-        grads = _token_pass.Grads(h2, weight, bias, want) if g_scalar_mode else None
+        beta, inv_t, alpha, want, thr = opts
+        grads = _token_pass.Grads(h2, weight, bias, want, thr) if g_scalar_mode else None
         div, ce = _pass(call, teacher, beta, inv_t, alpha, w, None, grads, ent)
         ctx.pre = grads.result() if grads is not None else None
         ctx.call, ctx.teacher, ctx.opts, ctx.w = call, teacher, opts, w
@@ -166,8 +168,8 @@ class _Distill(torch.autograd.Function):
         if pre is not None:
             return tuple(None if t is None else t * g.to(t.dtype) for t in pre) + (None,) * 6
         h2, weight, bias = ctx.saved_tensors
-        beta, inv_t, alpha, want = ctx.opts
-        grads = _token_pass.Grads(h2, weight, bias, want)
+        beta, inv_t, alpha, want, thr = ctx.opts
+        grads = _token_pass.Grads(h2, weight, bias, want, thr)
         gv = g.to(ctx.call.sdt)
         gv = gv.expand(ctx.call.y.shape) if gv.dim() == 0 else gv
         _pass(ctx.call, ctx.teacher, beta, inv_t, alpha, ctx.w, gv, grads)
@@ -178,7 +180,7 @@ def linear_distillation_loss(hidden, weight, labels, *, teacher_hidden=None, tea
                              teacher_logits=None, divergence="jsd", beta=0.5, temperature=1.0, alpha=0.0,
                              reduction="mean", num_items_in_batch=None, ignore_index=-100, bias=None,
                              logit_scale=1.0, softcap=None, teacher_logit_scale=1.0, teacher_softcap=None,
-                             shift=False, chunk_size=None, backend="auto", return_stats=False):
+                             shift=False, chunk_size=None, backend="auto", return_stats=False, grad_filter=None):
     """Distil a student (``hidden [*, D]``, ``weight [V, D]``) towards a teacher without materialising
     either ``[N, V]`` distribution.
 
@@ -194,6 +196,11 @@ def linear_distillation_loss(hidden, weight, labels, *, teacher_hidden=None, tea
     cross-entropy of the untempered student logits: the loss is ``(1 - alpha)·divergence + alpha·CE`` per
     token. ``reduction``: ``"mean"``/``"batchmean"`` (over the scored tokens, TRL's ``batchmean`` with
     labels), ``"sum"``, ``"none"``; ``num_items_in_batch`` divides the sum instead.
+
+    ``grad_filter`` (None: exact; a threshold ``t``; ``"auto"``): ``linear_cross_entropy``'s gradient filter
+    for the student's ``dh``/``dW`` GEMMs, with ``s_i = |w_i| · ((1 - alpha) / temperature + alpha)`` (``w_i``
+    the token's weight in the loss: the reduction's ``1/denominator`` times its incoming gradient); the
+    loss and the statistics are exact.
     """
     if reduction not in _REDUCTIONS:
         raise TiedKernelsError(f"tiedkernels: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -251,7 +258,7 @@ def linear_distillation_loss(hidden, weight, labels, *, teacher_hidden=None, tea
     w = None if denom is None else (1.0 / denom).expand(call.y.shape)
     want = (call.h2.requires_grad, call.weight.requires_grad, call.bias is not None and call.bias.requires_grad)
     scalar = reduction != "none"
-    opts = (b, 1.0 / temp, a, want)
+    opts = (b, 1.0 / temp, a, want, tkf.grad_filter_value(grad_filter, call.h2.dtype))
     ent = torch.empty((n,), dtype=call.sdt, device=call.h2.device) if return_stats else None
     with tkf.no_autocast(call.weight.device):
         if torch.is_grad_enabled() and any(want):

@@ -527,13 +527,13 @@ def _loss_per_token_scale(hidden, weight, labels, *, bias, ignore_index, reducti
 
     unsupported = [name for name, on in (("label_smoothing", float(label_smoothing) != 0.0),
                                          ("z_loss", float(z_loss) != 0.0), ("class_weight", class_weight is not None),
-                                         ("return_stats", bool(return_stats)), ("grad_filter", grad_filter is not None))
-                   if on]
+                                         ("return_stats", bool(return_stats))) if on]
     if unsupported:
         raise NotImplementedError(f"tiedkernels: a per-token logit_scale does not combine with {', '.join(unsupported)} "
                                   "yet; pass a scalar logit_scale, or scale the hidden states per token yourself")
+    # the filter's rule carries over: for -log p(label) the objective's s_i is |g_i| (+ |g_lse,i|)
     opts = dict(bias=bias, logit_scale=logit_scale, softcap=softcap, ignore_index=ignore_index, shift=shift,
-                chunk_size=chunk_size, backend=backend)
+                chunk_size=chunk_size, backend=backend, grad_filter=grad_filter)
     if not return_lse:
         return objectives.linear_token_objective(hidden, weight, labels, None, reduction=reduction,
                                                  num_items_in_batch=num_items_in_batch, **opts)

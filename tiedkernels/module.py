@@ -107,6 +107,11 @@ class TiedEmbeddingHead(nn.Embedding):
         opts.setdefault("backend", self.backend)
         return opts
 
+    def _filter_default(self, opts):
+        if "grad_filter" not in opts and self.__dict__.get("grad_filter") is not None:
+            opts["grad_filter"] = self.__dict__["grad_filter"]
+        return opts
+
     def logits(self, hidden, **opts):
         opts = self._head_opts(opts)
         bias = opts.pop("bias", self.output_embeddings.bias)
@@ -116,9 +121,7 @@ class TiedEmbeddingHead(nn.Embedding):
         """The fused loss of ``hidden`` against ``labels`` (``tkf.linear_cross_entropy``'s options).
         ``grad_filter`` defaults to the head's ``grad_filter`` attribute when one is set (a patched
         Hugging Face model's training forward sets it from ``patch(model, grad_filter=...)``)."""
-        opts = self._head_opts(opts)
-        if "grad_filter" not in opts and self.__dict__.get("grad_filter") is not None:
-            opts["grad_filter"] = self.__dict__["grad_filter"]
+        opts = self._filter_default(self._head_opts(opts))
         bias = opts.pop("bias", self.output_embeddings.bias)
         return tkf.linear_cross_entropy(hidden, _tie.head_weight(self.weight), labels, bias=bias, **opts)
 
@@ -143,7 +146,7 @@ class TiedEmbeddingHead(nn.Embedding):
 
     # -- token-level objectives and distillation on the head (tiedkernels.objectives, tiedkernels.distill) --
     def _token_opts(self, opts):
-        opts = self._head_opts(opts)
+        opts = self._filter_default(self._head_opts(opts))
         opts.setdefault("bias", self.output_embeddings.bias)
         return opts
 

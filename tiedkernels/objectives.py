@@ -195,8 +195,9 @@ PYTHON_OPS = ("token_stats", "token_stats_bwd")
 @torch.library.custom_op("tiedkernels::token_stats", mutates_args=())
 def _token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
                  row_scale: Optional[torch.Tensor], inv_temp: Optional[torch.Tensor], ignore_index: int,
-                 logit_scale: float, softcap: float, chunk_size: int) -> torch.Tensor:
-    """[3, N]: per-token (logp, entropy, lse) of the final logits."""
+                 logit_scale: float, softcap: float, chunk_size: int, grad_filter: float = 0.0) -> torch.Tensor:
+    """[3, N]: per-token (logp, entropy, lse) of the final logits. ``grad_filter`` (the threshold t, 0:
+    exact) is the backward's (``token_stats_bwd``)."""
     pending, bad = _tb.check_index_range(labels, weight.shape[0], "label", ignore_index)
     if bad is not None:
         hidden = torch.where(bad.unsqueeze(1), float("nan"), hidden)
@@ -208,7 +209,8 @@ def _token_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 @_token_stats.register_fake
-def _(hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size):
+def _(hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size,
+      grad_filter=0.0):
     return hidden.new_empty((3, hidden.shape[0]), dtype=_token_pass.stat_dtype(hidden.dtype))
 
 
@@ -216,8 +218,11 @@ def _(hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_sca
 def _token_stats_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      labels: torch.Tensor, row_scale: Optional[torch.Tensor], inv_temp: Optional[torch.Tensor],
                      ignore_index: int, logit_scale: float, softcap: float, chunk_size: int, want_dh: bool,
-                     want_dw: bool, want_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dh, dW, db) for the incoming gradient [3, N] of (logp, entropy, lse); empty where not wanted."""
+                     want_dw: bool, want_db: bool, grad_filter: float = 0.0
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dW, db) for the incoming gradient [3, N] of (logp, entropy, lse); empty where not wanted.
+    ``grad_filter`` > 0: the chunks' dh and dW GEMMs leave out the columns the filter's rule skips, with
+    s_i = |grad_logp_i| + |grad_entropy_i| + |grad_lse_i|."""
     lg, y, keep = _pass_args(hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap)
     g = grad.to(lg.sdt)
     zero = torch.zeros((), dtype=lg.sdt, device=g.device)
@@ -225,7 +230,7 @@ def _token_stats_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
     if hidden.device.type == "cpu" and not torch.compiler.is_compiling():  # free to skip a zero term here
         gb = gb if bool(gb.any()) else None
         gc = gc if bool(gc.any()) else None
-    grads = _token_pass.Grads(hidden, weight, bias, (want_dh, want_dw, want_db))
+    grads = _token_pass.Grads(hidden, weight, bias, (want_dh, want_dw, want_db), grad_filter)
 
     def coef(start, rows, lp, h, lse):
         sl = slice(start, start + rows)
@@ -240,7 +245,7 @@ def _token_stats_bwd(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
 
 @_token_stats_bwd.register_fake
 def _(grad, hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size,
-      want_dh, want_dw, want_db):
+      want_dh, want_dw, want_db, grad_filter=0.0):
     return (hidden.new_empty(hidden.shape) if want_dh else hidden.new_empty((0,)),
             weight.new_empty(weight.shape) if want_dw else weight.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if want_db and bias is not None else weight.new_empty((0,)))
@@ -251,9 +256,11 @@ _NO_SECOND = ("tiedkernels: second derivatives of the token log-probs/objective 
 
 
 def _stats_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size = inputs
+    hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size = inputs[:10]
     ctx.save_for_backward(hidden, weight, bias, labels, row_scale, inv_temp)
     ctx.opts = (ignore_index, logit_scale, softcap, chunk_size)
+    ctx.grad_filter = float(inputs[10]) if len(inputs) > 10 else 0.0
+    ctx.n_inputs = len(inputs)
 
 
 def _stats_backward(ctx, grad):
@@ -263,9 +270,10 @@ def _stats_backward(ctx, grad):
     need = ctx.needs_input_grad
     want = (need[0], need[1], need[2] and bias is not None)
     if not any(want):
-        return (None,) * 10
-    dh, dw, db = _token_stats_bwd(grad, hidden, weight, bias, labels, row_scale, inv_temp, *ctx.opts, *want)
-    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None) + (None,) * 7
+        return (None,) * ctx.n_inputs
+    dh, dw, db = _token_stats_bwd(grad, hidden, weight, bias, labels, row_scale, inv_temp, *ctx.opts, *want,
+                                  ctx.grad_filter)
+    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None) + (None,) * (ctx.n_inputs - 3)
 
 
 torch.library.register_autograd("tiedkernels::token_stats", _stats_backward, setup_context=_stats_setup)
@@ -279,21 +287,24 @@ def _no_transforms(*tensors):
 
 
 def token_log_probs(hidden, weight, labels, *, bias=None, logit_scale=1.0, temperature=None, softcap=None,
-                    ignore_index=-100, shift=False, chunk_size=None, backend="auto"):
+                    ignore_index=-100, shift=False, chunk_size=None, backend="auto", grad_filter=None):
     """Per-token ``log p(label)``, entropy and logsumexp of ``softcap(logit_scale · (hidden @ weightᵀ + bias))
     / temperature``, each differentiable, without the ``[N, V]`` logits.
 
     ``logit_scale`` and ``temperature`` may be numbers or tensors broadcast to the per-token shape (a
     temperature per sample: ``[B, 1]``); neither gets a gradient. Returns ``TokenLogProbs`` with the labels'
     shape (``[..., T-1]`` with ``shift``). The backward recomputes each chunk's logits once with the
-    incoming gradients of all three outputs."""
+    incoming gradients of all three outputs. ``grad_filter`` (None: exact; a threshold ``t``; ``"auto"``):
+    ``linear_cross_entropy``'s gradient filter in that backward, with ``s_i = |∂L/∂logp_i| + |∂L/∂H_i| +
+    |∂L/∂lse_i|``; the three outputs themselves are exact."""
     call = prepare(hidden, weight, labels, bias=bias, logit_scale=logit_scale, temperature=temperature,
                    softcap=softcap, ignore_index=ignore_index, shift=shift, chunk_size=chunk_size, backend=backend)
     _no_transforms(call.h2, call.weight, call.bias)
+    thr = tkf.grad_filter_value(grad_filter, call.h2.dtype)
     lg = call.logits
     with tkf.no_autocast(call.weight.device):
         stats = _token_stats(call.h2, call.weight, call.bias, call.y, lg.row_scale, lg.inv_temp, call.ignore_index,
-                             lg.logit_scale, lg.softcap, call.chunk)
+                             lg.logit_scale, lg.softcap, call.chunk, thr)
     call.pending.finish()
     return TokenLogProbs(*(_view(stats[i], call) for i in range(3)))
 
@@ -387,11 +398,11 @@ class _FusedObjective(torch.autograd.Function):
     coefficients kept from the first."""
 
     @staticmethod
-    def forward(ctx, h2, weight, bias, call, ev, want):
-        grads = _token_pass.Grads(h2, weight, bias, want)
+    def forward(ctx, h2, weight, bias, call, ev, want, thr):
+        grads = _token_pass.Grads(h2, weight, bias, want, thr)
         logp, ent, lse, _ = _token_pass.run(call.logits, call.y, call.keep, call.chunk, ev.coef, grads)
         ctx.pre = grads.result()
-        ctx.call, ctx.a, ctx.b, ctx.want = call, ev.a, ev.b, want
+        ctx.call, ctx.a, ctx.b, ctx.want, ctx.thr = call, ev.a, ev.b, want, thr
         ctx.save_for_backward(h2, weight, bias)
         ctx.mark_non_differentiable(logp, ent, lse)
         ctx.set_materialize_grads(False)
@@ -402,12 +413,12 @@ class _FusedObjective(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise NotImplementedError(_NO_SECOND)
         if g is None:
-            return (None,) * 6
+            return (None,) * 7
         pre, ctx.pre = ctx.pre, None
         if pre is None:  # a second backward: the pass again with the kept coefficients
             h2, weight, bias = ctx.saved_tensors
             call, a, b = ctx.call, ctx.a, ctx.b
-            grads = _token_pass.Grads(h2, weight, bias, ctx.want)
+            grads = _token_pass.Grads(h2, weight, bias, ctx.want, ctx.thr)
 
             def coef(start, rows, lp, h, lse):
                 sl = slice(start, start + rows)
@@ -416,13 +427,13 @@ class _FusedObjective(torch.autograd.Function):
             _token_pass.run(call.logits, call.y, call.keep, call.chunk, coef, grads)
             pre = grads.result()
         out = tuple(None if t is None else t * g.to(t.dtype) for t in pre)
-        return out + (None, None, None)
+        return out + (None, None, None, None)
 
 
 def linear_token_objective(hidden, weight, labels, objective=None, *, consts=None, token_weight=None,
                            reduction="mean", num_items_in_batch=None, bias=None, logit_scale=1.0, temperature=None,
                            softcap=None, ignore_index=-100, shift=False, chunk_size=None, backend="auto",
-                           return_stats=False):
+                           return_stats=False, grad_filter=None):
     """``Σ_i w_i · objective(logp_i, H_i, **consts_i)`` over the non-ignored tokens, fused.
 
     ``logp_i`` is the log-probability of token i's label and ``H_i`` the entropy of its distribution under
@@ -440,6 +451,9 @@ def linear_token_objective(hidden, weight, labels, objective=None, *, consts=Non
     three GEMMs, 6·N·D·V flops); ``none``, and every call traced by ``torch.compile``, evaluate the
     objective on the whole batch's ``token_log_probs`` and recompute in the backward (8·N·D·V).
     ``return_stats``: an ``ObjectiveOutput`` with the detached per-token log-probs, entropy and lse.
+    ``grad_filter`` (None: exact; a threshold ``t``; ``"auto"``): ``linear_cross_entropy``'s gradient filter
+    for the chunks' ``dh``/``dW`` GEMMs, with ``s_i = |∂L/∂logp_i| + |∂L/∂H_i|`` (the objective's
+    derivative at token i, weight and denominator included); the loss and the statistics are exact.
     """
     if reduction not in _REDUCTIONS:
         raise TiedKernelsError(f"tiedkernels: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -452,6 +466,7 @@ def linear_token_objective(hidden, weight, labels, objective=None, *, consts=Non
     call = prepare(hidden, weight, labels, bias=bias, logit_scale=logit_scale, temperature=temperature,
                    softcap=softcap, ignore_index=ignore_index, shift=shift, chunk_size=chunk_size, backend=backend)
     _no_transforms(call.h2, call.weight, call.bias)
+    thr = tkf.grad_filter_value(grad_filter, call.h2.dtype)
     cs = _consts(consts, labels, shift)
     w = per_token(token_weight, "token_weight", labels, shift, call.sdt)
     obj = objective if objective is not None else _neg_log_probs
@@ -464,7 +479,7 @@ def linear_token_objective(hidden, weight, labels, objective=None, *, consts=Non
             wd = w if denom is None else (w / denom if w is not None else
                                           (1.0 / denom).expand(call.y.shape))
             ev = _Evaluator(obj, cs, wd, call.keep, call.sdt)
-            loss, logp, ent, lse = _FusedObjective.apply(call.h2, call.weight, call.bias, call, ev, want)
+            loss, logp, ent, lse = _FusedObjective.apply(call.h2, call.weight, call.bias, call, ev, want, thr)
         elif not torch.is_grad_enabled() or not any(want):
             with torch.no_grad():
                 logp, ent, lse, _ = _token_pass.run(call.logits, call.y, call.keep, call.chunk)
@@ -474,7 +489,7 @@ def linear_token_objective(hidden, weight, labels, objective=None, *, consts=Non
         else:
             lg = call.logits
             stats = _token_stats(call.h2, call.weight, call.bias, call.y, lg.row_scale, lg.inv_temp,
-                                 call.ignore_index, lg.logit_scale, lg.softcap, call.chunk)
+                                 call.ignore_index, lg.logit_scale, lg.softcap, call.chunk, thr)
             logp, ent, lse = stats[0], stats[1], stats[2]
             vals = _apply(obj, logp, ent, cs, w, call)
             loss = _reduce(vals.sum(), vals, reduction, denom, call)
@@ -609,7 +624,7 @@ def grpo_loss(hidden, weight, completion_ids, advantages, *, completion_mask=Non
               use_bias_correction_kl=False, importance_sampling_level="token", importance_sampling_ratio=None,
               entropy_coef=0.0, top_entropy_quantile=1.0, max_completion_length=None, num_items_in_batch=None,
               sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, temperature=None, bias=None, logit_scale=1.0,
-              softcap=None, chunk_size=None, backend="auto"):
+              softcap=None, chunk_size=None, backend="auto", grad_filter=None):
     """TRL 1.16 GRPOTrainer's loss on the fused head: ``hidden [B, T, D]`` are the states that predict the
     completion tokens ``completion_ids [B, T]`` (TRL's ``logits_to_keep`` positions).
 
@@ -628,7 +643,8 @@ def grpo_loss(hidden, weight, completion_ids, advantages, *, completion_mask=Non
     ``top_entropy_quantile < 1`` need every token's log-prob or entropy first and take the recompute path.
     Returns ``GRPOOutput(loss, log_probs, entropy, metrics)``; ``metrics`` holds TRL's ``entropy``,
     ``kl`` (when ``beta``) and, for the clipped types, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
-    ``clip_ratio/region_mean``.
+    ``clip_ratio/region_mean``. ``grad_filter``: the gradient filter of the underlying pass
+    (``linear_token_objective``, or ``token_log_probs`` on the recompute path); the loss and metrics are exact.
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise TiedKernelsError(f"tiedkernels: loss_type must be one of {GRPO_LOSS_TYPES}, got {loss_type!r}"
@@ -661,7 +677,7 @@ def grpo_loss(hidden, weight, completion_ids, advantages, *, completion_mask=Non
     wts = _grpo_weights(mask, loss_type, max_completion_length, num_items_in_batch, sdt)
     n_tok = mask.sum().clamp(min=1.0)
     opts = dict(bias=bias, logit_scale=logit_scale, temperature=temperature, softcap=softcap, chunk_size=chunk_size,
-                backend=backend)
+                backend=backend, grad_filter=grad_filter)
     token_local = importance_sampling_level == "token" and float(top_entropy_quantile) >= 1.0
     if token_local:
         consts = {"adv": adv, "wts": wts, "ent_w": mask / n_tok}

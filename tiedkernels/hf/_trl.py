@@ -24,7 +24,7 @@ import weakref
 
 import torch
 
-from ._state import fuses_loss
+from ._state import _STATE, fuses_loss
 
 _ANSWERED = frozenset({"log_probs", "entropy", "is_top1"})
 _DIFFERENTIABLE = frozenset({"log_probs", "entropy"})
@@ -56,6 +56,12 @@ def _owner(weight):
         return None
     out = model.get_output_embeddings()
     return model if out is not None and out.weight is weight else None
+
+
+def _grad_filter(model):
+    """``patch(model, grad_filter=...)``'s value for a training-mode call (None in eval mode, as the
+    patched forward does)."""
+    return getattr(model.__dict__[_STATE], "grad_filter", None) if model.training else None
 
 
 class _EntropyNoGrad(torch.autograd.Function):
@@ -94,7 +100,8 @@ class TiedLogProbFunction:
             head = owner.get_input_embeddings()
             res = objectives.token_log_probs(hidden, weight, targets, bias=bias, ignore_index=-100,
                                              logit_scale=float(logit_scale), softcap=final_logit_softcapping,
-                                             temperature=temperature, backend=getattr(head, "backend", "auto"))
+                                             temperature=temperature, backend=getattr(head, "backend", "auto"),
+                                             grad_filter=_grad_filter(owner))
             return res.log_probs, (res.entropy if "entropy" in outputs else None), None, None, None
         if (owner is None or not set(outputs) <= _ANSWERED or temperature <= 0
                 or (final_logit_softcapping is not None and temperature != 1.0)
@@ -107,7 +114,7 @@ class TiedLogProbFunction:
         stats = tkf.linear_cross_entropy(
             hidden, weight, targets, bias=bias, reduction="none", return_stats=True, ignore_index=-100,
             logit_scale=float(logit_scale) / temperature, softcap=final_logit_softcapping,
-            backend=getattr(head, "backend", "auto"))
+            backend=getattr(head, "backend", "auto"), grad_filter=_grad_filter(owner))
         log_probs = -stats.loss
         entropy = _EntropyNoGrad.apply(stats.entropy, hidden) if "entropy" in outputs else None
         is_top1 = stats.predictions == targets if "is_top1" in outputs else None
@@ -144,7 +151,7 @@ class TiedDivergenceFunction:
             divergence="jsd", beta=float(beta), temperature=float(temperature), reduction="none", bias=student_bias,
             logit_scale=float(student_logit_scale), softcap=student_final_logit_softcapping,
             teacher_logit_scale=float(teacher_logit_scale), teacher_softcap=teacher_final_logit_softcapping,
-            backend=getattr(head, "backend", "auto"), return_stats=True)
+            backend=getattr(head, "backend", "auto"), return_stats=True, grad_filter=_grad_filter(owner))
         return out.loss, out.entropy
 
 
@@ -207,7 +214,7 @@ def _gkd_compute_loss(original):
         out = head.distillation_loss(hs, inputs["labels"][:, 1:], teacher_hidden=ht, teacher_weight=t_out.weight,
                                      divergence="jsd", beta=float(self.beta), reduction="batchmean",
                                      num_items_in_batch=num_items_in_batch, logit_scale=1.0, softcap=None,
-                                     bias=student.get_output_embeddings().bias)
+                                     bias=student.get_output_embeddings().bias, grad_filter=_grad_filter(student))
         return out
 
     compute_loss._tiedkernels_original = original
