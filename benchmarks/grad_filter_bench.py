@@ -6,6 +6,13 @@ path and the three dense GEMMs, on a realistic (peaked) softmax, and the kept fr
     .venv/bin/python -m benchmarks.grad_filter_bench --json out.json
     .venv/bin/python -m benchmarks.grad_filter_bench --dtypes float32 --write-results   # RESULTS.md section
     .venv/bin/python -m benchmarks.grad_filter_bench --from-json   # re-render the section, no measuring
+    .venv/bin/python -m benchmarks.grad_filter_bench --job grpo --dtypes float32   # grpo_loss instead
+
+``--job grpo`` times ``tiedkernels.grpo_loss`` (TRL's ``dapo``, on-policy, ``beta=0``, an entropy bonus
+of 0.01: the fused token-objective pass) on the same workload instead of the cross-entropy: the
+workload's labels are the completions, in sequences of 512 tokens with an advantage of ±1 each (fixed
+seed), and the kept columns are those the pass records. It prints (and ``--json`` saves) its figures;
+``--write-results`` renders the cross-entropy job only.
 
 ``--write-results`` renders the section between ``<!-- grad-filter:begin -->`` and
 ``<!-- grad-filter:end -->`` of ``benchmarks/RESULTS.md`` (``--out DIR`` for another folder) and
@@ -128,6 +135,50 @@ def gemm3(h, w):
     return run
 
 
+GRPO_SEQ = 512  # tokens per completion in --job grpo
+
+
+def grpo_inputs(h, y):
+    """``(hidden [B, T, D], completion ids [B, T], advantages [B])`` for --job grpo: the workload's rows
+    as B completions of GRPO_SEQ tokens (the tail cut), an advantage of ±1 each."""
+    t = min(GRPO_SEQ, h.shape[0])
+    b = h.shape[0] // t
+    adv = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(0)).to(torch.float32) * 2 - 1
+    return h[:b * t].reshape(b, t, -1), y[:b * t].reshape(b, t), adv
+
+
+def fused_grpo(h, w, y, grad_filter, record=None):
+    hs, ids, adv = grpo_inputs(h, y)
+
+    def run():
+        hh = hs.detach().requires_grad_()
+        ww = w.detach().requires_grad_()
+        out = tk.grpo_loss(hh, ww, ids, adv, loss_type="dapo", entropy_coef=0.01, grad_filter=grad_filter)
+        out.loss.backward()
+        return out.loss.detach(), hh.grad.reshape(-1, hh.shape[-1]), ww.grad
+
+    return run
+
+
+def grpo_kept(h, w, y, t):
+    """Kept columns per chunk of a filtered grpo_loss step, as the pass records them."""
+    from tiedkernels import _token_pass
+
+    made = []
+    init = _token_pass.Grads.__init__
+
+    def record(self, *a, **k):
+        init(self, *a, **k)
+        made.append(self)
+
+    _token_pass.Grads.__init__ = record
+    try:
+        fused_grpo(h, w, y, t)()
+    finally:
+        _token_pass.Grads.__init__ = init
+    return [k for g in made for k in g.kept]
+
+
 def fused(h, w, y, grad_filter):
     def run():
         hh = h.detach().requires_grad_()
@@ -146,16 +197,21 @@ def machine():
     return {"cpu": m["cpu"], "cores": m["cores"], "flags": {x: x in have for x in ISA_FLAGS}}
 
 
-def measure(shape, dtype, source, rounds, thresholds, split=None):
+def measure(shape, dtype, source, rounds, thresholds, split=None, job="ce"):
     load_start = R.loadavg()
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     h, w, y, split = load(shape, dtype, source, split)
     n, d, v = shape
-    chunk = chunk_of(n, d, v, dtype)
+    chunk = chunk_of(n, d, v, dtype) if job == "ce" else \
+        tkf.chunk_rows(n, v, None, d=d, itemsize=max(4, torch.finfo(dtype).bits // 8))  # the token pass's
     auto = tkf.grad_filter_value("auto", dtype)
-    provs = {"gemm3": gemm3(h, w), "exact": fused(h, w, y, None)}
+    step = fused_grpo if job == "grpo" else fused
+    if job == "grpo":
+        n = h.shape[0] // min(GRPO_SEQ, n) * min(GRPO_SEQ, n)
+        h, y = h[:n], y[:n]
+    provs = {"gemm3": gemm3(h, w), "exact": step(h, w, y, None)}
     for t in thresholds:
-        provs[f"filter={t}"] = fused(h, w, y, t)
+        provs[f"filter={t}"] = step(h, w, y, t)
     # correctness of what is timed: loss bit-identical, gradient change against the exact path
     ref = provs["exact"]()
     checks = {}
@@ -181,10 +237,11 @@ def measure(shape, dtype, source, rounds, thresholds, split=None):
     kept = {}
     for t in thresholds:
         tv = auto if t == "auto" else float(t)
-        k = kept_per_chunk(h, w, y, chunk, tv)
+        k = grpo_kept(h, w, y, t) if job == "grpo" else kept_per_chunk(h, w, y, chunk, tv)
         kept[str(t)] = {"threshold": tv, "kept_per_chunk": k, "kept_fraction_mean": sum(k) / len(k) / v,
                         "kept_fraction_max": max(k) / v}
-    return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "source": source, "split": split,
+    return {"job": job, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "source": source,
+            "split": split,
             "chunk_rows": chunk, "rounds": rounds,
             "gemm3_dtype": "float32" if dtype == torch.bfloat16 and _cpu_lacks_lowp_gemm(torch.bfloat16)
             else str(dtype).replace("torch.", ""),
@@ -404,6 +461,8 @@ def main(argv=None):
     ap.add_argument("--workload", action="store_true", help="use (and make, if needed) benchmarks/workload.py's cache")
     ap.add_argument("--split", help="the workload's split (its default when not given: see benchmarks/workload.py)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--job", choices=("ce", "grpo"), default="ce",
+                    help="the fused cross-entropy (default) or grpo_loss (printed and --json only)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--json", help="also save this run's results to this file")
     ap.add_argument("--write-results", action="store_true",
@@ -415,6 +474,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.quick and args.write_results and os.path.abspath(args.out) == HERE:
         ap.error("--quick --write-results needs --out: a quick run is a check, not figures for benchmarks/")
+    if args.job != "ce" and args.write_results:
+        ap.error("--write-results renders the cross-entropy job only; save --job grpo with --json")
     if args.from_json:
         print(f"wrote {render(args.out, args.curve)} (section {BEGIN} ... {END})")
         return []
@@ -427,11 +488,11 @@ def main(argv=None):
     for dt in args.dtypes.split(","):
         dtype = getattr(torch, dt)
         for shape in shapes:
-            r = measure(shape, dtype, source, args.rounds, THRESHOLDS[dtype], args.split)
+            r = measure(shape, dtype, source, args.rounds, THRESHOLDS[dtype], args.split, args.job)
             r["quick"], r["command"] = args.quick, _command(argv)
             results.append(r)
             n, d, v = shape
-            print(f"\nN={n} D={d} V={v} {r['dtype']} (chunk {r['chunk_rows']} rows; workload split "
+            print(f"\n{args.job}: N={n} D={d} V={v} {r['dtype']} (chunk {r['chunk_rows']} rows; workload split "
                   f"{r['split']}; load {r['load_start'][0]:.1f} to {r['load_end'][0]:.1f})")
             for k, s in r["median_s"].items():
                 print(f"  {k:<14} {s * 1e3:9.1f} ms  {r['x_gemm3'][k]:.3f}x gemm3")

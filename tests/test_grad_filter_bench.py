@@ -116,6 +116,23 @@ def test_quick_run_end_to_end(tmp_path):
     assert json.loads((tmp_path / G.RAW_NAME).read_text())[0]["shape"] == list(G.QUICK_SHAPES[0])
 
 
+def test_quick_grpo_job(tmp_path):
+    """--job grpo times grpo_loss exact and filtered; its kept columns come from the pass itself; the
+    filtered loss is the exact one."""
+    out = str(tmp_path / "r.json")
+    res = G.main(["--quick", "--synthetic", "--rounds", "1", "--dtypes", "float32", "--job", "grpo", "--json", out])
+    r = res[0]
+    assert r["job"] == "grpo" and set(r["median_s"]) == {"gemm3", "exact", "filter=auto", "filter=0.000244140625",
+                                                        "filter=0.001"}
+    n, d, v = G.QUICK_SHAPES[0]
+    kept = r["kept"]["0.001"]["kept_per_chunk"]
+    assert len(kept) == -(-n // r["chunk_rows"]) and 0 < max(kept) < v
+    assert all(c["loss_bit_identical"] for c in r["checks"].values())
+    assert json.loads(open(out).read())[0]["job"] == "grpo"
+    with pytest.raises(SystemExit):
+        G.main(["--job", "grpo", "--write-results", "--out", str(tmp_path)])
+
+
 def test_quick_needs_out():
     with pytest.raises(SystemExit):
         G.main(["--quick", "--write-results"])
