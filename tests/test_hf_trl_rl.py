@@ -118,6 +118,47 @@ def test_grpo_trainer_logs_what_stock_logs(tmp_path, spies):
     _compare(stock, patched, rtol=2e-5)
 
 
+def test_grpo_trainer_with_the_patch_filter(tmp_path, monkeypatch):
+    """patch(model, grad_filter=t) reaches GRPOTrainer's fused head: the training calls get t (the
+    no-grad ones of the reference and old policies too, where it changes nothing), the first step's loss
+    is the unfiltered one (the loss is exact) and its gradient norm is not (a large t on this flat
+    softmax leaves most columns out)."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    seen = []
+    real = objectives.token_log_probs
+
+    def tlp(*a, **k):
+        seen.append(k.get("grad_filter"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(objectives, "token_log_probs", tlp)
+    base = tmp_path / "base"
+    build("llama", vocab=VOCAB, dtype=F64).save_pretrained(base)
+
+    def reward(completions, **kw):
+        return [float(c.count("t7")) - 0.1 * len(c.split()) for c in completions]
+
+    def run(grad_filter, out):
+        model = build("llama", vocab=VOCAB, dtype=F64)
+        model.config._name_or_path = str(base)
+        tkhf.patch(model, grad_filter=grad_filter)
+        ds = datasets.Dataset.from_dict({"prompt": ["t5 t6 t7", "t8 t9", "t10 t11 t12", "t3 t4"] * 2})
+        args = GRPOConfig(per_device_train_batch_size=4, num_generations=4, max_completion_length=6, max_steps=2,
+                          beta=0.0, entropy_coef=0.01, loss_type="dapo", **_common(out))
+        tr = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer())
+        tr.train()
+        return _logged(tr, {"loss", "grad_norm"})
+
+    exact = run(None, tmp_path / "exact")
+    assert set(seen) == {None}
+    seen.clear()
+    filtered = run(0.5, tmp_path / "filtered")
+    assert 0.5 in seen
+    assert filtered[0]["loss"] == pytest.approx(exact[0]["loss"], rel=1e-12, abs=1e-14)
+    assert filtered[0]["grad_norm"] != pytest.approx(exact[0]["grad_norm"], rel=1e-6)
+
+
 def test_distillation_trainer_logs_what_stock_logs(tmp_path, spies):
     from trl import DistillationConfig, DistillationTrainer
 
