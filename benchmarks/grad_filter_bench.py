@@ -147,7 +147,7 @@ def grpo_inputs(h, y):
     return h[:b * t].reshape(b, t, -1), y[:b * t].reshape(b, t), adv
 
 
-def fused_grpo(h, w, y, grad_filter, record=None):
+def fused_grpo(h, w, y, grad_filter):
     hs, ids, adv = grpo_inputs(h, y)
 
     def run():
@@ -202,13 +202,13 @@ def measure(shape, dtype, source, rounds, thresholds, split=None, job="ce"):
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     h, w, y, split = load(shape, dtype, source, split)
     n, d, v = shape
+    if job == "grpo":  # whole completions only (grpo_inputs)
+        n = n // min(GRPO_SEQ, n) * min(GRPO_SEQ, n)
+        h, y = h[:n], y[:n]
     chunk = chunk_of(n, d, v, dtype) if job == "ce" else \
         tkf.chunk_rows(n, v, None, d=d, itemsize=max(4, torch.finfo(dtype).bits // 8))  # the token pass's
     auto = tkf.grad_filter_value("auto", dtype)
     step = fused_grpo if job == "grpo" else fused
-    if job == "grpo":
-        n = h.shape[0] // min(GRPO_SEQ, n) * min(GRPO_SEQ, n)
-        h, y = h[:n], y[:n]
     provs = {"gemm3": gemm3(h, w), "exact": step(h, w, y, None)}
     for t in thresholds:
         provs[f"filter={t}"] = step(h, w, y, t)
