@@ -27,12 +27,10 @@ import tiedkernels as tk
 from tiedkernels import _token_pass
 from tiedkernels.functional import TiedKernelsError
 from _rl_reference import jsd, token_stats, trl_grpo_loss
+from test_grad_filter import CHUNK, MARGIN, THRESH, V, bound as _bound, expected_filtered  # the rule, shared
 
 F64 = torch.float64
-N, D, V = 99, 24, 123
-CHUNK = 32
-THRESH = 2e-3
-MARGIN = {torch.float32: 1.01, torch.bfloat16: 1.6}
+N, D = 99, 24
 
 
 def peaked(seed=0, dtype=F64, bias=True, n=N):
@@ -78,29 +76,14 @@ def reference(h, w, b, loss_of, keep):
     return dz, s
 
 
-def expected(dz, s, h, w, t=THRESH, chunk=CHUNK):
-    """The rule in fp64: (dh, dW, kept columns per chunk)."""
-    h64, w64 = h.double(), w.double()
-    dh, dw, kept = torch.empty_like(h64), torch.zeros_like(w64), []
-    for c0 in range(0, dz.shape[0], chunk):
-        zc = dz[c0:c0 + chunk]
-        keep = (zc.abs() > t * s[c0:c0 + chunk, None]).any(0)
-        kept.append(int(keep.sum()))
-        dh[c0:c0 + chunk] = zc[:, keep] @ w64[keep]
-        dw[keep] += zc[:, keep].t() @ h64[c0:c0 + chunk]
-    return dh, dw, kept
+def expected(dz, s, h, w):
+    """The rule in fp64 (``test_grad_filter``'s): (dh, dW, kept columns per chunk of CHUNK rows)."""
+    return expected_filtered(dz, s, h.double(), w.double(), THRESH)
 
 
-def bound(dz, s, h, w, t, margin, chunk=CHUNK):
-    """The README's per-element bound, every column the rule may skip counted (margin: dz's rounding)."""
-    h64, w64 = h.double(), w.double()
-    bdh, bdw = torch.zeros_like(h64), torch.zeros_like(w64)
-    for c0 in range(0, dz.shape[0], chunk):
-        zc, sc, hc = dz[c0:c0 + chunk], s[c0:c0 + chunk], h64[c0:c0 + chunk]
-        skip = (zc.abs() <= margin * t * sc[:, None]).all(0)
-        bdh[c0:c0 + chunk] = margin * t * sc[:, None] * w64[skip].abs().sum(0)[None, :]
-        bdw[skip] += margin * t * (sc[:, None] * hc.abs()).sum(0)[None, :]
-    return bdh, bdw
+def bound(dz, s, h, w, t, margin):
+    """The README's per-element bound (``test_grad_filter``'s), every column the rule may skip counted."""
+    return _bound(dz, s, h.double(), w.double(), t, margin)
 
 
 def grads_of(fn, h, w, b, up=None):
@@ -427,6 +410,25 @@ def test_compile_fullgraph_and_opcheck():
     with_t = torch.ops.tiedkernels.token_stats_bwd.default(grad, *args[:10], True, True, True, THRESH)
     without = torch.ops.tiedkernels.token_stats_bwd.default(grad, *args[:10], True, True, True, 0.0)
     assert torch.equal(with_t[2], without[2]) and not torch.equal(with_t[1], without[1])
+
+
+def test_distillation_traced_with_the_filter():
+    """torch.compile(fullgraph=True) traces the distillation's pass: there the skipped columns are zeroed
+    and the GEMMs stay dense (no data-dependent column count in the graph); the same gradients as eager."""
+    h, w, _, y, g = peaked(seed=10, dtype=torch.float32, bias=False)
+    zt = (h @ w.t()) * 0.9
+
+    def step(hh, ww, bb):
+        return tk.linear_distillation_loss(hh, ww, y, teacher_logits=zt, chunk_size=CHUNK, grad_filter=THRESH)
+
+    torch._dynamo.reset()
+    eager = grads_of(step, h, w, None)
+    exact = grads_of(lambda hh, ww, bb: tk.linear_distillation_loss(hh, ww, y, teacher_logits=zt, chunk_size=CHUNK),
+                     h, w, None)
+    compiled = grads_of(torch.compile(step, fullgraph=True, backend="aot_eager"), h, w, None)
+    for a, c in zip(eager[1:3], compiled[1:3]):
+        torch.testing.assert_close(c, a, atol=1e-7, rtol=1e-5)
+    assert not torch.allclose(eager[2], exact[2], atol=1e-7, rtol=0)
 
 
 def test_kept_columns_are_recorded():

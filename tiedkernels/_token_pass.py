@@ -118,7 +118,16 @@ class Grads:
         if not (self.want_dh or self.want_dw):
             return
         if self.grad_filter > 0 and scale is not None and dzl.shape[1] > 0:
-            idx = _tb.filter_keep(dzl, scale * self.grad_filter).nonzero().squeeze(1)  # a host sync on a GPU
+            keep = _tb.filter_keep(dzl, scale * self.grad_filter)
+            if torch.compiler.is_compiling():
+                # traced (the distillation is): no data-dependent column count in the graph; the
+                # skipped columns are zeroed and the GEMMs stay dense (the same gradients, no saving)
+                dzl = torch.where(keep[None, :], dzl, torch.zeros((), dtype=dzl.dtype, device=dzl.device))
+                keep = None
+        else:
+            keep = None
+        if keep is not None:
+            idx = keep.nonzero().squeeze(1)  # a host sync on a GPU, once per chunk
             self.kept.append(int(idx.shape[0]))
             if idx.shape[0] < dzl.shape[1]:
                 sdt = self.sdt

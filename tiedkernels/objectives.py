@@ -256,11 +256,10 @@ _NO_SECOND = ("tiedkernels: second derivatives of the token log-probs/objective 
 
 
 def _stats_setup(ctx, inputs, output):
-    hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size = inputs[:10]
+    hidden, weight, bias, labels, row_scale, inv_temp, ignore_index, logit_scale, softcap, chunk_size, thr = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, row_scale, inv_temp)
     ctx.opts = (ignore_index, logit_scale, softcap, chunk_size)
-    ctx.grad_filter = float(inputs[10]) if len(inputs) > 10 else 0.0
-    ctx.n_inputs = len(inputs)
+    ctx.grad_filter = thr
 
 
 def _stats_backward(ctx, grad):
@@ -270,10 +269,10 @@ def _stats_backward(ctx, grad):
     need = ctx.needs_input_grad
     want = (need[0], need[1], need[2] and bias is not None)
     if not any(want):
-        return (None,) * ctx.n_inputs
+        return (None,) * 11
     dh, dw, db = _token_stats_bwd(grad, hidden, weight, bias, labels, row_scale, inv_temp, *ctx.opts, *want,
                                   ctx.grad_filter)
-    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None) + (None,) * (ctx.n_inputs - 3)
+    return (dh if want[0] else None, dw if want[1] else None, db if want[2] else None) + (None,) * 8
 
 
 torch.library.register_autograd("tiedkernels::token_stats", _stats_backward, setup_context=_stats_setup)
